@@ -1,0 +1,90 @@
+"""Config namespace ``MODEL.REGIONSPOT`` and the detectron2 defaults RegionSpot relies on."""
+from detectron2.config import CfgNode as CN
+
+
+def add_regionspot_config(cfg):
+    """
+    Add the ``MODEL.REGIONSPOT`` namespace (and a few keys of the ``SOLVER`` namespace that
+    detectron2 lacks) to ``cfg`` in place.
+
+    Detectron2's own keys are reused where detectron2 already models a thing: ``MODEL.WEIGHTS``
+    (the RegionSpot checkpoint), ``MODEL.DEVICE``, ``MODEL.LOAD_PROPOSALS`` with
+    ``DATASETS.PROPOSAL_FILES_TEST`` (boxes from a file), ``TEST.DETECTIONS_PER_IMAGE``,
+    ``MODEL.ROI_HEADS.SCORE_THRESH_TEST``, ``SOLVER.AMP.ENABLED`` and ``INPUT.FORMAT``.
+    """
+    _C = cfg
+    _C.MODEL.REGIONSPOT = CN()
+    rs = _C.MODEL.REGIONSPOT
+
+    rs.SAM = CN()
+    # SAM image encoder: "vit_b", "vit_l", "vit_h" (segment_anything's registry) or "tiny"
+    # (a small SAM built from the same classes, for tests and the built-in quickstart).
+    rs.SAM.TYPE = "vit_b"
+    # Path to SAM's official state dict (e.g. sam_vit_b_01ec64.pth). Empty: seeded random weights
+    # (only allowed with RANDOM_INIT_FROZEN = True).
+    rs.SAM.WEIGHTS = ""
+
+    rs.CLIP = CN()
+    # CLIP model: "ViT-B/16", "ViT-L/14", "ViT-L/14@336px" or "tiny".
+    rs.CLIP.TYPE = "ViT-B/16"
+    # Path to OpenAI's CLIP archive (e.g. ViT-B-16.pt, TorchScript) or a plain state dict.
+    rs.CLIP.WEIGHTS = ""
+    # Side of the square CLIP view (224 or 336 for the released models). The checkpoint does not
+    # reveal it; when it differs from CLIP's native size the positional embedding is interpolated.
+    rs.CLIP.INPUT_SIZE = 224
+
+    # Build SAM and CLIP with seeded random weights when their WEIGHTS are empty. For tests,
+    # benchmarks and the built-in quickstart only: such a model recognises nothing real.
+    rs.RANDOM_INIT_FROZEN = False
+    # Seed of those random weights.
+    rs.RANDOM_INIT_SEED = 0
+
+    rs.DECODER = CN()
+    # Number of post-norm transformer decoder layers of the fusion module.
+    rs.DECODER.NUM_LAYERS = 3
+    # Attention heads of each decoder layer.
+    rs.DECODER.NUM_HEADS = 8
+    # Hidden width of each decoder layer's feed-forward network.
+    rs.DECODER.DIM_FEEDFORWARD = 2048
+    # Dropout inside the decoder layers (inactive at inference).
+    rs.DECODER.DROPOUT = 0.1
+
+    # Where the region prompts come from in the RegionSpot meta-architecture:
+    # "GT" (the annotations' boxes, the authors' GT-box protocol) or "PROPOSALS" (detectron2's
+    # precomputed proposals: set MODEL.LOAD_PROPOSALS and DATASETS.PROPOSAL_FILES_TEST).
+    rs.BOX_SOURCE = "GT"
+    # Multiply class probabilities by the box's own score (sigmoid of the proposal's
+    # objectness_logits), as the authors do with GLIP boxes. Ignored for GT boxes.
+    rs.USE_BOX_SCORES = True
+
+    # How detections are made from region x class probabilities:
+    # "topk_pairs": softmax over classes, then the top TOPK (region, class) pairs of the image
+    #               (one box may appear with several classes), the authors' protocol;
+    # "per_region": softmax over classes, one detection per region with its best class.
+    rs.SCORING = "topk_pairs"
+    # k of "topk_pairs" (the authors use 900); TEST.DETECTIONS_PER_IMAGE is applied after it.
+    rs.TOPK = 900
+
+    # Vocabulary: "dataset" (thing_classes of the first DATASETS.TEST / DATASETS.TRAIN entry) or
+    # "custom" (CUSTOM_VOCABULARY).
+    rs.VOCABULARY = "dataset"
+    # Class names used when VOCABULARY = "custom".
+    rs.CUSTOM_VOCABULARY = []
+    # Directory of the text-embedding cache (keyed by CLIP weights, templates and names).
+    # Empty: $REGIONSPOT_CACHE or ~/.cache/regionspot.
+    rs.TEXT_CACHE_DIR = ""
+    # Sentences encoded per CLIP text forward when building a vocabulary.
+    rs.TEXT_BATCH_SIZE = 256
+
+    # Return SAM masks (pred_masks). Disable for box-only evaluation to skip mask up-sampling.
+    rs.MASK_ON = True
+    # Region prompts decoded by SAM's mask decoder at once (bounds memory for many boxes).
+    rs.PROMPT_CHUNK_SIZE = 256
+
+    # Focal loss of training (reference: alpha 0.25, gamma 2).
+    rs.FOCAL_ALPHA = 0.25
+    rs.FOCAL_GAMMA = 2.0
+
+    # Optimizer of the fusion module: "ADAMW" (the authors' recipe) or "SGD" (detectron2's default).
+    _C.SOLVER.OPTIMIZER = "ADAMW"
+    return cfg

@@ -1,0 +1,33 @@
+"""Datasets of RegionSpot; importing this package registers them (detectron2 style)."""
+from .lvis import LVIS_MINIVAL_NAME, patch_lvis_numpy, register_lvis_minival
+from .mappers import (
+    build_regionspot_test_loader,
+    build_regionspot_test_mapper,
+    build_regionspot_train_loader,
+    build_regionspot_train_mapper,
+)
+from .proposals import detections_to_proposals, load_coco_detections, save_proposals
+from .shapes import SHAPES_CLASSES, generate_shapes_split, register_shapes_datasets
+
+# registers regionspot_shapes_train / regionspot_shapes_val (generated lazily on first use)
+register_shapes_datasets()
+# registers lvis_v1_minival (MDETR's LVIS v1 minival json, COCO images)
+register_lvis_minival()
+# lets lvis==0.5.3 evaluate with numpy >= 1.24 (restores np.float)
+patch_lvis_numpy()
+
+__all__ = [
+    "build_regionspot_test_loader",
+    "build_regionspot_test_mapper",
+    "build_regionspot_train_loader",
+    "build_regionspot_train_mapper",
+    "detections_to_proposals",
+    "load_coco_detections",
+    "save_proposals",
+    "LVIS_MINIVAL_NAME",
+    "SHAPES_CLASSES",
+    "generate_shapes_split",
+    "patch_lvis_numpy",
+    "register_lvis_minival",
+    "register_shapes_datasets",
+]

@@ -1,0 +1,196 @@
+"""
+CLIP branch of RegionSpot: the dense feature map of the whole image and the text tower, from the
+stock ``clip`` package (``clip-anytorch`` provides ``import clip``).
+"""
+import logging
+import os
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+import clip
+from clip.model import CLIP
+
+from .frozen import FrozenModule, seeded
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ClipDenseFeatures", "build_clip", "CLIP_ARCHS", "CLIP_PIXEL_MEAN", "CLIP_PIXEL_STD"]
+
+CLIP_PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Constructor arguments of clip.model.CLIP for each supported type (OpenAI's published shapes).
+CLIP_ARCHS: Dict[str, dict] = {
+    "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=16, transformer_width=512, transformer_heads=8, transformer_layers=12),
+    "ViT-L/14": dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024,
+                     vision_patch_size=14, transformer_width=768, transformer_heads=12, transformer_layers=12),
+    "ViT-L/14@336px": dict(embed_dim=768, image_resolution=336, vision_layers=24, vision_width=1024,
+                           vision_patch_size=14, transformer_width=768, transformer_heads=12, transformer_layers=12),
+    # A small CLIP of the same classes for tests and the built-in quickstart (4x4 patch grid).
+    "tiny": dict(embed_dim=32, image_resolution=64, vision_layers=2, vision_width=64,
+                 vision_patch_size=16, transformer_width=64, transformer_heads=1, transformer_layers=2),
+}
+_CONTEXT_LENGTH, _VOCAB_SIZE = 77, 49408
+
+
+def _arch_of(model: CLIP) -> Tuple[int, int, int]:
+    v = model.visual
+    return v.input_resolution, v.conv1.kernel_size[0], v.conv1.out_channels
+
+
+def build_clip(clip_type: str, weights: str = "", random_init: bool = False, seed: int = 0) -> CLIP:
+    """
+    Build a stock ``clip.model.CLIP`` in fp32.
+
+    Args:
+        clip_type: a key of ``CLIP_ARCHS``.
+        weights: OpenAI archive (``ViT-B-16.pt``, TorchScript) or a plain state dict, read with
+            ``clip.load(path, device="cpu", jit=False)``.
+        random_init: allow empty ``weights``; the model then has seeded random weights.
+        seed: seed of the random weights.
+
+    Returns:
+        CLIP in eval mode, fp32, on CPU.
+    """
+    if clip_type not in CLIP_ARCHS:
+        raise ValueError(
+            f"MODEL.REGIONSPOT.CLIP.TYPE={clip_type!r} is unknown; use one of {', '.join(CLIP_ARCHS)}."
+        )
+    if not weights:
+        if not random_init:
+            raise ValueError(
+                "MODEL.REGIONSPOT.CLIP.WEIGHTS is empty: point it at OpenAI's CLIP archive for "
+                f"CLIP.TYPE={clip_type!r} (e.g. ViT-B-16.pt), or set "
+                "MODEL.REGIONSPOT.RANDOM_INIT_FROZEN=True for random stand-in weights (tests only)."
+            )
+        with seeded(seed):
+            model = CLIP(context_length=_CONTEXT_LENGTH, vocab_size=_VOCAB_SIZE, **CLIP_ARCHS[clip_type])
+        return model.float().eval()
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(
+            f"CLIP weights not found: {weights!r} (MODEL.REGIONSPOT.CLIP.WEIGHTS). Give the path of "
+            f"OpenAI's archive for CLIP.TYPE={clip_type!r}."
+        )
+    model, _ = clip.load(weights, device="cpu", jit=False)
+    model = model.float().eval()
+    arch = CLIP_ARCHS[clip_type]
+    expected = (arch["image_resolution"], arch["vision_patch_size"], arch["vision_width"])
+    if _arch_of(model) != expected:
+        raise ValueError(
+            f"CLIP weights {weights!r} are a ViT with (resolution, patch, width) = {_arch_of(model)}, "
+            f"but MODEL.REGIONSPOT.CLIP.TYPE={clip_type!r} expects {expected}; set CLIP.TYPE to "
+            "the model the file holds."
+        )
+    return model
+
+
+class ClipDenseFeatures(FrozenModule):
+    """
+    Frozen CLIP giving the dense feature map of the whole image and encoding text.
+
+    The image is resized to ``input_size`` x ``input_size`` (aspect ratio not kept; bilinear,
+    ``align_corners=False``, no antialias, on the [0, 1] float image) and normalised with CLIP's
+    mean/std. The feature map is the token sequence out of the last residual block, class token
+    included, before ``ln_post`` and the projection: [B, 1 + G*G, D_v].
+    """
+
+    def __init__(self, model: CLIP, input_size: int):
+        super().__init__()
+        self.model = model
+        self.input_size = int(input_size)
+        patch = model.visual.conv1.kernel_size[0]
+        if self.input_size % patch != 0:
+            raise ValueError(
+                f"MODEL.REGIONSPOT.CLIP.INPUT_SIZE={self.input_size} is not a multiple of CLIP's "
+                f"patch size {patch}."
+            )
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+        self._pos_cache = None
+        self.freeze()
+
+    @property
+    def width(self) -> int:
+        """D_v: width of the visual tokens."""
+        return self.model.visual.conv1.out_channels
+
+    @property
+    def embed_dim(self) -> int:
+        """D_t: width of the joint image-text space."""
+        return self.model.text_projection.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        g = self.input_size // self.model.visual.conv1.kernel_size[0]
+        return 1 + g * g
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """exp of CLIP's stored logit scale (100 for the OpenAI checkpoints), as a 0-d tensor."""
+        return self.model.logit_scale.detach().float().exp()
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def positional_embedding(self) -> torch.Tensor:
+        """[1 + G*G, D_v] positional embedding for ``input_size`` (bicubic resize of the patch rows)."""
+        pos = self.model.visual.positional_embedding
+        g0 = int(round((pos.shape[0] - 1) ** 0.5))
+        g = self.input_size // self.model.visual.conv1.kernel_size[0]
+        if g == g0:
+            return pos
+        cached = self._pos_cache
+        if cached is not None and cached[0] is pos and cached[1].device == pos.device and cached[1].dtype == pos.dtype:
+            return cached[1]
+        patch_rows = pos[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)
+        patch_rows = F.interpolate(patch_rows.float(), size=(g, g), mode="bicubic", align_corners=False)
+        patch_rows = patch_rows.permute(0, 2, 3, 1).reshape(g * g, -1).to(pos.dtype)
+        resized = torch.cat([pos[:1], patch_rows], dim=0)
+        self._pos_cache = (pos, resized)
+        return resized
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            images: [B, 3, H, W] RGB, float in [0, 1].
+
+        Returns:
+            [B, 3, S, S] normalised CLIP input.
+        """
+        x = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def image_to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """[H, W, 3] uint8 RGB -> [1, 3, H, W] float in [0, 1] on this module's device."""
+        x = torch.as_tensor(image, device=self.device).permute(2, 0, 1)[None].float()
+        return x / 255.0
+
+    @torch.no_grad()
+    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            images: [B, 3, H, W] RGB float in [0, 1] (see :meth:`image_to_tensor`).
+
+        Returns:
+            [B, 1 + G*G, D_v] token sequence of the last transformer block.
+        """
+        visual = self.model.visual
+        dtype = visual.conv1.weight.dtype
+        x = self.preprocess(images.to(self.device)).to(dtype)
+        x = visual.conv1(x)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = visual.class_embedding.to(dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding().to(dtype)
+        x = visual.ln_pre(x)
+        x = visual.transformer(x.permute(1, 0, 2))  # clip's blocks take [L, B, D]
+        return x.permute(1, 0, 2)
+
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[K, 77] token ids -> [K, D_t] un-normalised sentence embeddings (fp32)."""
+        return self.model.encode_text(tokens.to(self.device)).float()

@@ -1,0 +1,156 @@
+"""The ``RegionSpot`` meta-architecture: given regions in, open-vocabulary instances out."""
+import logging
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.roi_heads import build_roi_heads
+from detectron2.structures import ImageList, Instances
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RegionSpot"]
+
+BOX_SOURCES = ("GT", "PROPOSALS")
+
+
+@META_ARCH_REGISTRY.register()
+class RegionSpot(nn.Module):
+    """
+    Recognise the regions each image comes with: its annotated boxes (GT protocol) or detectron2's
+    precomputed proposals (boxes from any detector). The work is done by the ROI head
+    (``MODEL.ROI_HEADS.NAME``, normally ``RegionSpotROIHeads``); there is no backbone.
+
+    Images are read at their original size (no resize in the test mapper): SAM and CLIP build their
+    views with one resize from the original image, as the authors' predictor does.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        roi_heads: nn.Module,
+        pixel_mean,
+        pixel_std,
+        box_source: str = "GT",
+    ):
+        """
+        Args:
+            roi_heads: the head that recognises regions.
+            pixel_mean, pixel_std: normalisation applied to images before the head.
+            box_source: "GT" or "PROPOSALS".
+        """
+        super().__init__()
+        if box_source not in BOX_SOURCES:
+            raise ValueError(f"MODEL.REGIONSPOT.BOX_SOURCE={box_source!r}: use one of {BOX_SOURCES}.")
+        self.roi_heads = roi_heads
+        self.box_source = box_source
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        if cfg.MODEL.REGIONSPOT.BOX_SOURCE == "PROPOSALS" and not cfg.MODEL.LOAD_PROPOSALS:
+            raise ValueError(
+                "MODEL.REGIONSPOT.BOX_SOURCE='PROPOSALS' needs MODEL.LOAD_PROPOSALS=True and "
+                "DATASETS.PROPOSAL_FILES_TEST (see tools/convert_detections_to_proposals.py)."
+            )
+        return {
+            "roi_heads": build_roi_heads(cfg, {}),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "box_source": cfg.MODEL.REGIONSPOT.BOX_SOURCE,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images)
+
+    def _regions(self, batched_inputs: List[Dict]) -> List[Instances]:
+        regions = []
+        for x in batched_inputs:
+            if self.box_source == "PROPOSALS":
+                if "proposals" not in x:
+                    raise ValueError(
+                        "BOX_SOURCE='PROPOSALS' but an input has no 'proposals': set "
+                        "MODEL.LOAD_PROPOSALS=True and DATASETS.PROPOSAL_FILES_TEST."
+                    )
+                regions.append(x["proposals"].to(self.device))
+                continue
+            if "instances" not in x:
+                raise ValueError(
+                    "BOX_SOURCE='GT' but an input has no 'instances': the data loader dropped the "
+                    "annotations. Use regionspot.data.build_regionspot_test_loader (train_net.py does)."
+                )
+            gt = x["instances"].to(self.device)
+            r = Instances(gt.image_size)
+            r.proposal_boxes = gt.gt_boxes
+            regions.append(r)
+        return regions
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: detectron2's list of dicts: ``image`` [3, H, W] in INPUT.FORMAT,
+                ``instances`` (GT boxes/classes), ``proposals`` (precomputed), ``height``/``width``.
+
+        Returns:
+            training: dict of losses; inference: list of ``{"instances": Instances}``.
+        """
+        if not self.training:
+            return self.inference(batched_inputs)
+        images = self.preprocess_image(batched_inputs)
+        targets = [x["instances"].to(self.device) for x in batched_inputs]
+        _, losses = self.roi_heads(images, {}, [], targets)
+        return losses
+
+    def inference(
+        self,
+        batched_inputs: List[Dict],
+        detected_instances: Optional[List[Instances]] = None,
+        do_postprocess: bool = True,
+    ):
+        """
+        Args:
+            batched_inputs: as in :meth:`forward`.
+            detected_instances: known boxes per image (``pred_boxes``, in the input image's pixels):
+                each is classified and returned in the given order.
+            do_postprocess: rescale to the requested ``height``/``width``.
+
+        Returns:
+            list of ``{"instances": Instances}``.
+        """
+        assert not self.training
+        images = self.preprocess_image(batched_inputs)
+        if detected_instances is not None:
+            results = self.roi_heads.forward_with_given_boxes(images, [d.to(self.device) for d in detected_instances])
+        else:
+            results, _ = self.roi_heads(images, {}, self._regions(batched_inputs), None)
+        if not do_postprocess:
+            return results
+        return [
+            {"instances": _rescale(r, x.get("height", r.image_size[0]), x.get("width", r.image_size[1]))}
+            for r, x in zip(results, batched_inputs)
+        ]
+
+
+def _rescale(instances: Instances, height: int, width: int) -> Instances:
+    """Rescale results to the requested output size (boxes scaled, masks resized nearest)."""
+    h, w = instances.image_size
+    if (h, w) == (height, width):
+        return instances
+    out = Instances((height, width), **instances.get_fields())
+    out.pred_boxes = out.pred_boxes.clone()
+    out.pred_boxes.scale(width / w, height / h)
+    out.pred_boxes.clip(out.image_size)
+    if out.has("pred_masks") and len(out):
+        masks = out.pred_masks[:, None].float()
+        out.pred_masks = torch.nn.functional.interpolate(masks, size=(height, width), mode="nearest")[:, 0] > 0.5
+    return out

@@ -1,0 +1,461 @@
+"""
+``RegionSpotROIHeads``: an ROI-style head that recognises given regions.
+
+Each region (a proposal box, a GT box, or point clicks) is turned into a SAM token, fused with the
+image's CLIP feature map by :class:`RegionSpotFusion`, and scored against the class text
+embeddings of the current vocabulary. It follows detectron2's ROI-head contract, so it runs
+behind any proposal source, inside the ``RegionSpot`` meta-architecture or a ``GeneralizedRCNN``.
+"""
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from fvcore.nn import sigmoid_focal_loss
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
+from detectron2.structures import Boxes, ImageList, Instances
+
+from ..checkpoint import convert_regionspot_state_dict
+from .clip_features import ClipDenseFeatures, build_clip
+from .fusion import RegionSpotFusion, region_text_logits
+from .sam_tokens import SamImageState, SamRegionTokens, build_sam
+from .text_embeddings import PROMPT_TEMPLATES, TextEmbeddingCache
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RegionSpotROIHeads", "select_detections", "vocabulary_from_config"]
+
+SCORING_MODES = ("topk_pairs", "per_region")
+
+
+def vocabulary_from_config(cfg, required: bool = True) -> List[str]:
+    """
+    Class names the config asks for: a custom list or the first test (else train) dataset's.
+    With ``required=False`` a config naming no dataset gives an empty list (set it later).
+    """
+    rs = cfg.MODEL.REGIONSPOT
+    if rs.VOCABULARY == "custom":
+        if not rs.CUSTOM_VOCABULARY:
+            raise ValueError("MODEL.REGIONSPOT.VOCABULARY is 'custom' but CUSTOM_VOCABULARY is empty.")
+        return list(rs.CUSTOM_VOCABULARY)
+    if rs.VOCABULARY != "dataset":
+        raise ValueError(f"MODEL.REGIONSPOT.VOCABULARY={rs.VOCABULARY!r}: use 'dataset' or 'custom'.")
+    names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
+    if not names:
+        if not required:
+            return []
+        raise ValueError(
+            "MODEL.REGIONSPOT.VOCABULARY is 'dataset' but DATASETS.TEST and DATASETS.TRAIN are empty; "
+            "name a dataset or set VOCABULARY='custom' with CUSTOM_VOCABULARY."
+        )
+    classes = MetadataCatalog.get(names[0]).get("thing_classes", None)
+    if not classes:
+        raise ValueError(f"Dataset {names[0]!r} has no thing_classes in its metadata to use as vocabulary.")
+    return list(classes)
+
+
+def select_detections(
+    probs: torch.Tensor,
+    box_scores: Optional[torch.Tensor],
+    mode: str,
+    topk: int,
+    max_detections: int,
+    score_thresh: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    Turn region x class probabilities into detections.
+
+    Args:
+        probs: [N, C] class probabilities of N regions.
+        box_scores: [N] scores of the boxes themselves (multiplied in), or None.
+        mode: "topk_pairs" (best ``topk`` (region, class) pairs, a region may repeat) or
+            "per_region" (each region with its best class).
+        topk: k of "topk_pairs".
+        max_detections: cap after selection (``TEST.DETECTIONS_PER_IMAGE``); <= 0 for none.
+        score_thresh: minimum score.
+
+    Returns:
+        region indices [K], class indices [K], scores [K], sorted by descending score.
+    """
+    scores = probs if box_scores is None else probs * box_scores[:, None]
+    num_classes = scores.shape[1]
+    if mode == "topk_pairs":
+        k = min(topk, scores.numel())
+        top, flat = scores.flatten().topk(k)
+        regions, classes = flat // num_classes, flat % num_classes
+    elif mode == "per_region":
+        top, classes = scores.max(dim=1) if scores.shape[0] else (scores.new_zeros(0), scores.new_zeros(0, dtype=torch.long))
+        order = top.argsort(descending=True)
+        top, classes, regions = top[order], classes[order], order
+    else:
+        raise ValueError(f"MODEL.REGIONSPOT.SCORING={mode!r}: use one of {SCORING_MODES}.")
+    keep = top > score_thresh
+    if max_detections > 0:
+        keep &= torch.arange(len(top), device=top.device) < max_detections
+    return regions[keep], classes[keep], top[keep]
+
+
+@ROI_HEADS_REGISTRY.register()
+class RegionSpotROIHeads(nn.Module):
+    """
+    Recognise given regions with frozen SAM + CLIP and a trained fusion module.
+
+    ``forward(images, features, proposals, targets)`` follows detectron2's ROI-head contract.
+    ``images`` must carry the pixels (SAM and CLIP look at the image itself; backbone
+    ``features`` are not used): each image is un-normalised with the model's pixel mean/std and
+    converted from ``INPUT.FORMAT`` to RGB. Regions are ``proposal_boxes`` of ``proposals`` (their
+    ``objectness_logits`` give box scores), optionally with ``point_coords`` / ``point_labels``
+    for click prompts.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        sam: SamRegionTokens,
+        clip: ClipDenseFeatures,
+        fusion: RegionSpotFusion,
+        class_names: Sequence[str] = (),
+        pixel_mean: Sequence[float] = (0.0, 0.0, 0.0),
+        pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
+        input_format: str = "RGB",
+        scoring: str = "topk_pairs",
+        topk: int = 900,
+        detections_per_image: int = 300,
+        score_thresh: float = 0.0,
+        use_box_scores: bool = True,
+        mask_on: bool = True,
+        prompt_chunk_size: int = 256,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        text_cache: Optional[TextEmbeddingCache] = None,
+        text_batch_size: int = 256,
+    ):
+        """
+        Args:
+            sam, clip: the frozen adapters.
+            fusion: the trainable module.
+            class_names: initial vocabulary (may be empty; see :meth:`set_vocabulary`).
+            pixel_mean, pixel_std, input_format: how ``images`` were normalised.
+            scoring, topk, detections_per_image, score_thresh: see :func:`select_detections`.
+            use_box_scores: multiply probabilities by sigmoid(``objectness_logits``) when present.
+            mask_on: predict SAM masks.
+            prompt_chunk_size: prompts decoded by SAM at once.
+            focal_alpha, focal_gamma: training loss.
+            text_cache: cache of vocabulary embeddings.
+            text_batch_size: sentences per text-tower forward.
+        """
+        super().__init__()
+        if scoring not in SCORING_MODES:
+            raise ValueError(f"MODEL.REGIONSPOT.SCORING={scoring!r}: use one of {SCORING_MODES}.")
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f"INPUT.FORMAT={input_format!r}: RegionSpot reads RGB or BGR images.")
+        self.sam = sam
+        self.clip = clip
+        self.fusion = fusion
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("logit_scale", clip.logit_scale.clone(), False)
+        self.register_buffer("text_embeddings", torch.zeros(0, clip.embed_dim), False)
+        self.input_format = input_format
+        self.scoring = scoring
+        self.topk = topk
+        self.detections_per_image = detections_per_image
+        self.score_thresh = score_thresh
+        self.use_box_scores = use_box_scores
+        self.mask_on = mask_on
+        self.prompt_chunk_size = prompt_chunk_size
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.text_cache = text_cache or TextEmbeddingCache()
+        self.text_batch_size = text_batch_size
+        self.class_names: List[str] = []
+        if class_names:
+            self.set_vocabulary(class_names)
+
+        # Checkpoints hold the fusion module only; SAM and CLIP come from their own files.
+        self.register_state_dict_post_hook(_drop_frozen_from_state_dict)
+        self.register_load_state_dict_pre_hook(_convert_on_load)
+        self.register_load_state_dict_post_hook(_quiet_frozen_keys)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape=None):
+        rs = cfg.MODEL.REGIONSPOT
+        sam = SamRegionTokens(
+            build_sam(rs.SAM.TYPE, rs.SAM.WEIGHTS, rs.RANDOM_INIT_FROZEN, rs.RANDOM_INIT_SEED)
+        )
+        clip = ClipDenseFeatures(
+            build_clip(rs.CLIP.TYPE, rs.CLIP.WEIGHTS, rs.RANDOM_INIT_FROZEN, rs.RANDOM_INIT_SEED + 1),
+            rs.CLIP.INPUT_SIZE,
+        )
+        fusion = RegionSpotFusion(
+            token_dim=sam.token_dim,
+            clip_dim=clip.width,
+            embed_dim=clip.embed_dim,
+            num_layers=rs.DECODER.NUM_LAYERS,
+            num_heads=rs.DECODER.NUM_HEADS,
+            dim_feedforward=rs.DECODER.DIM_FEEDFORWARD,
+            dropout=rs.DECODER.DROPOUT,
+        )
+        return {
+            "sam": sam,
+            "clip": clip,
+            "fusion": fusion,
+            "class_names": vocabulary_from_config(cfg, required=False),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+            "scoring": rs.SCORING,
+            "topk": rs.TOPK,
+            "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "score_thresh": cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+            "use_box_scores": rs.USE_BOX_SCORES,
+            "mask_on": rs.MASK_ON,
+            "prompt_chunk_size": rs.PROMPT_CHUNK_SIZE,
+            "focal_alpha": rs.FOCAL_ALPHA,
+            "focal_gamma": rs.FOCAL_GAMMA,
+            "text_cache": TextEmbeddingCache(rs.TEXT_CACHE_DIR or None),
+            "text_batch_size": rs.TEXT_BATCH_SIZE,
+        }
+
+    # ----------------------------------------------------------------------------------------
+    # Vocabulary
+    def set_vocabulary(self, class_names: Sequence[str], embeddings: Optional[torch.Tensor] = None):
+        """
+        Use a new vocabulary from now on.
+
+        Args:
+            class_names: C names; ``pred_classes`` index into them.
+            embeddings: [C, D_t] L2-normalised text embeddings; default: encoded with the prompt
+                ensemble (read from the on-disk cache when present).
+        """
+        class_names = [str(n) for n in class_names]
+        if not class_names:
+            raise ValueError("The vocabulary is empty: give at least one class name.")
+        if embeddings is None:
+            embeddings = self.text_cache.get(self.clip, class_names, PROMPT_TEMPLATES, self.text_batch_size)
+        if embeddings.shape != (len(class_names), self.clip.embed_dim):
+            raise ValueError(
+                f"Text embeddings of shape {list(embeddings.shape)} do not fit {len(class_names)} class "
+                f"names and CLIP text width {self.clip.embed_dim}."
+            )
+        self.class_names = class_names
+        self.text_embeddings = embeddings.to(self.pixel_mean.device, torch.float32)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    # ----------------------------------------------------------------------------------------
+    # Per-image building blocks (shared by forward and the predictor)
+    def image_to_rgb_uint8(self, image: torch.Tensor) -> np.ndarray:
+        """[3, H, W] normalised tensor in ``input_format`` -> [H, W, 3] uint8 RGB numpy."""
+        x = image * self.pixel_std + self.pixel_mean
+        if self.input_format == "BGR":
+            x = x.flip(0)
+        return x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+    def encode_image(self, image: np.ndarray) -> Tuple[SamImageState, torch.Tensor]:
+        """
+        Args:
+            image: [H, W, 3] uint8 RGB.
+
+        Returns:
+            SAM's image state and CLIP's [1, L, D_v] feature map.
+        """
+        state = self.sam.encode_image(image)
+        features = self.clip.dense_features(self.clip.image_to_tensor(image))
+        return state, features
+
+    def region_embeddings(self, tokens: torch.Tensor, clip_features: torch.Tensor, padding_mask=None) -> torch.Tensor:
+        """[B, N, token_dim] tokens + [B, L, D_v] features -> [B, N, D_t] region embeddings."""
+        return self.fusion(tokens, clip_features, padding_mask)
+
+    def logits(self, region_embeddings: torch.Tensor) -> torch.Tensor:
+        """[..., D_t] -> [..., C] scaled cosine logits against the current vocabulary."""
+        if self.num_classes == 0:
+            raise RuntimeError(
+                "No vocabulary: name a dataset in DATASETS.TEST, set MODEL.REGIONSPOT.VOCABULARY='custom' "
+                "with CUSTOM_VOCABULARY, or call set_vocabulary(class_names)."
+            )
+        return region_text_logits(region_embeddings, self.text_embeddings, self.logit_scale)
+
+    # ----------------------------------------------------------------------------------------
+    def forward(
+        self,
+        images: ImageList,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Instances],
+        targets: Optional[List[Instances]] = None,
+    ) -> Tuple[List[Instances], Dict[str, torch.Tensor]]:
+        """
+        Args:
+            images: the batch's pixels (normalised with ``pixel_mean``/``pixel_std``).
+            features: unused (RegionSpot reads the image itself).
+            proposals: per image, ``proposal_boxes`` (XYXY in ``images`` pixels) and optionally
+                ``objectness_logits``, ``point_coords`` [N, P, 2], ``point_labels`` [N, P].
+            targets: per image, ``gt_boxes`` and ``gt_classes`` (training).
+
+        Returns:
+            At inference, per image Instances with ``pred_boxes``, ``scores``, ``pred_classes``
+            and (``mask_on``) ``pred_masks`` [K, H, W] bool at the image's size; in training, an
+            empty list and ``{"loss_region_cls": ...}``.
+        """
+        del features
+        if self.training:
+            assert targets is not None, "RegionSpotROIHeads needs targets in training."
+            return [], self.losses(images, targets)
+        results = []
+        for i, props in enumerate(proposals):
+            h, w = images.image_sizes[i]
+            rgb = self.image_to_rgb_uint8(images.tensor[i, :, :h, :w])
+            results.append(self.recognize(rgb, props))
+        return results, {}
+
+    def forward_with_given_boxes(self, images: ImageList, instances: List[Instances]) -> List[Instances]:
+        """Classify known boxes (``pred_boxes``): one output per given box, in the given order."""
+        results = []
+        for i, inst in enumerate(instances):
+            h, w = images.image_sizes[i]
+            rgb = self.image_to_rgb_uint8(images.tensor[i, :, :h, :w])
+            props = Instances(inst.image_size)
+            props.proposal_boxes = inst.pred_boxes
+            results.append(self.recognize(rgb, props, per_region=True))
+        return results
+
+    @torch.no_grad()
+    def recognize(self, image: np.ndarray, regions: Instances, per_region: bool = False) -> Instances:
+        """
+        Recognise the regions of one image.
+
+        Args:
+            image: [H, W, 3] uint8 RGB.
+            regions: ``proposal_boxes`` and optional ``objectness_logits``, ``point_coords``,
+                ``point_labels`` (N regions).
+            per_region: one detection per region in the given order (no top-k, no threshold).
+
+        Returns:
+            Instances of size (H, W) with ``pred_boxes``, ``scores``, ``pred_classes``,
+            ``pred_masks`` (if ``mask_on``) and ``mask_scores``.
+        """
+        image_size = tuple(image.shape[:2])
+        state, clip_features = self.encode_image(image)
+        boxes = regions.proposal_boxes.tensor if regions.has("proposal_boxes") else None
+        points = regions.point_coords if regions.has("point_coords") else None
+        labels = regions.point_labels if regions.has("point_labels") else None
+        sam_out = self.sam.decode_prompts(
+            state, boxes, points, labels, with_masks=self.mask_on, chunk_size=self.prompt_chunk_size
+        )
+        logits = self.logits(self.region_embeddings(sam_out.tokens[None], clip_features)[0])
+        probs = logits.softmax(dim=-1)
+        box_scores = None
+        if self.use_box_scores and regions.has("objectness_logits"):
+            box_scores = regions.objectness_logits.to(probs).sigmoid()
+        if per_region:
+            scores, classes = probs.max(dim=1) if len(probs) else (probs.new_zeros(0), probs.new_zeros(0, dtype=torch.long))
+            region_idx = torch.arange(len(probs), device=probs.device)
+        else:
+            region_idx, classes, scores = select_detections(
+                probs, box_scores, self.scoring, self.topk, self.detections_per_image, self.score_thresh
+            )
+        out = Instances(image_size)
+        if boxes is None:  # point prompts only: the box of the predicted mask is filled below
+            boxes = torch.zeros(len(probs), 4, device=probs.device)
+        out.pred_boxes = Boxes(boxes.to(probs.device)[region_idx])
+        out.scores = scores
+        out.pred_classes = classes
+        out.mask_scores = sam_out.mask_scores[region_idx]
+        if self.mask_on:
+            # Up-sample each region's mask once, however many classes it was kept with.
+            unique, inverse = torch.unique(region_idx, return_inverse=True)
+            masks = self.sam.postprocess_masks(sam_out.low_res_masks[unique], state, image_size)
+            out.pred_masks = masks[inverse]
+            if regions.has("point_coords") and not regions.has("proposal_boxes"):
+                from detectron2.structures import BitMasks
+
+                out.pred_boxes = BitMasks(out.pred_masks).get_bounding_boxes()
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    def losses(self, images: ImageList, targets: List[Instances]) -> Dict[str, torch.Tensor]:
+        """
+        Sigmoid focal loss over the vocabulary for every GT region: summed over classes, averaged
+        over an image's regions, summed over images. Images without boxes add zero.
+        """
+        tokens, feats, labels = [], [], []
+        for i, t in enumerate(targets):
+            h, w = images.image_sizes[i]
+            rgb = self.image_to_rgb_uint8(images.tensor[i, :, :h, :w])
+            state, clip_features = self.encode_image(rgb)
+            out = self.sam.decode_prompts(state, t.gt_boxes.tensor, with_masks=False, chunk_size=self.prompt_chunk_size)
+            tokens.append(out.tokens)
+            feats.append(clip_features[0])
+            labels.append(t.gt_classes.to(clip_features.device))
+        return {"loss_region_cls": self.loss_from_tokens(tokens, torch.stack(feats), labels)}
+
+    def loss_from_tokens(self, tokens: List[torch.Tensor], clip_features: torch.Tensor, labels: List[torch.Tensor]) -> torch.Tensor:
+        """
+        Args:
+            tokens: per image [N_i, token_dim] SAM tokens.
+            clip_features: [B, L, D_v].
+            labels: per image [N_i] class indices into the current vocabulary.
+
+        Returns:
+            scalar focal loss.
+        """
+        counts = [len(t) for t in tokens]
+        n_max = max(counts) if counts else 0
+        batch = len(tokens)
+        dim = self.sam.token_dim
+        device = clip_features.device
+        padded = torch.zeros(batch, max(n_max, 1), dim, device=device)
+        padding = torch.ones(batch, max(n_max, 1), dtype=torch.bool, device=device)
+        for i, t in enumerate(tokens):
+            padded[i, : len(t)] = t
+            padding[i, : len(t)] = False
+        # An image without regions still runs one (ignored) query so attention stays defined.
+        padding[:, 0] &= torch.tensor([c > 0 for c in counts], device=device)
+        logits = self.logits(self.region_embeddings(padded, clip_features, padding))
+        total = logits.sum() * 0.0
+        for i, y in enumerate(labels):
+            if counts[i] == 0:
+                continue
+            if (y < 0).any() or (y >= self.num_classes).any():
+                raise ValueError(
+                    f"gt_classes outside the vocabulary of {self.num_classes} classes; the batch's "
+                    "dataset and the model's vocabulary disagree."
+                )
+            onehot = torch.nn.functional.one_hot(y.long(), self.num_classes).to(logits.dtype)
+            loss = sigmoid_focal_loss(logits[i, : counts[i]], onehot, self.focal_alpha, self.focal_gamma, "none")
+            total = total + loss.sum(dim=1).mean()
+        return total
+
+
+# -------------------------------------------------------------------------------------------
+# state-dict hooks: only the fusion module is saved; released checkpoints load unchanged.
+_FROZEN_CHILDREN = ("sam.", "clip.")
+
+
+def _drop_frozen_from_state_dict(module, state_dict, prefix, local_metadata):
+    for k in [k for k in state_dict if k.startswith(tuple(prefix + c for c in _FROZEN_CHILDREN))]:
+        del state_dict[k]
+
+
+def _convert_on_load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    shapes = {prefix + k: v.shape for k, v in module.state_dict().items()}
+    before = set(state_dict)
+    convert_regionspot_state_dict(state_dict, shapes, prefix + "fusion.")
+    # Remembered for the post-hook, which is not told the prefix.
+    module._load_info = (prefix, before - set(state_dict))
+
+
+def _quiet_frozen_keys(module, incompatible_keys):
+    """SAM/CLIP are never in checkpoints: not 'missing'; converted released keys not 'unexpected'."""
+    prefix, consumed = getattr(module, "_load_info", ("", set()))
+    frozen = tuple(prefix + c for c in _FROZEN_CHILDREN)
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(frozen)]
+    incompatible_keys.unexpected_keys[:] = [k for k in incompatible_keys.unexpected_keys if k not in consumed]

@@ -1,0 +1,277 @@
+"""
+SAM branch of RegionSpot: position-aware region tokens (and masks) from the stock
+``segment_anything`` package.
+
+The token of a region prompt is the output of SAM's two-way transformer for mask token 0 (the
+single-mask token), after its final token-to-image attention and norm and before the hypernetwork
+MLP. ``segment_anything`` computes it inside ``MaskDecoder.predict_masks`` without returning it; a
+forward hook on ``mask_decoder.transformer`` (whose output is ``(hs, src)``) reads it, so SAM's code
+is used unchanged.
+"""
+import logging
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from segment_anything import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from .frozen import FrozenModule, seeded
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SamRegionTokens", "SamImageState", "SamPromptOutput", "build_sam", "SAM_TYPES"]
+
+SAM_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
+
+
+def _build_tiny_sam() -> Sam:
+    """A small SAM made of the stock classes (256 px input, 16x16 embedding, width-32 decoder)."""
+    image_size, patch, dim = 256, 16, 32
+    grid = image_size // patch
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=2,
+            embed_dim=32,
+            img_size=image_size,
+            mlp_ratio=2,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            num_heads=2,
+            patch_size=patch,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=(1,),
+            window_size=4,
+            out_chans=dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=4,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
+            transformer_dim=dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=dim,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+def build_sam(sam_type: str, weights: str = "", random_init: bool = False, seed: int = 0) -> Sam:
+    """
+    Build a stock ``segment_anything.Sam``.
+
+    Args:
+        sam_type: one of ``SAM_TYPES``.
+        weights: path to an official SAM state dict (``sam_vit_b_01ec64.pth``, ...).
+        random_init: allow empty ``weights``; the model then has seeded random weights.
+        seed: seed of the random weights.
+
+    Returns:
+        Sam in eval mode, fp32, on CPU.
+    """
+    if sam_type not in SAM_TYPES:
+        raise ValueError(
+            f"MODEL.REGIONSPOT.SAM.TYPE={sam_type!r} is unknown; use one of {', '.join(SAM_TYPES)}."
+        )
+    if not weights and not random_init:
+        raise ValueError(
+            "MODEL.REGIONSPOT.SAM.WEIGHTS is empty: point it at SAM's official weights "
+            f"(e.g. sam_vit_b_01ec64.pth for SAM.TYPE={sam_type!r}), or set "
+            "MODEL.REGIONSPOT.RANDOM_INIT_FROZEN=True for random stand-in weights (tests only)."
+        )
+    with seeded(seed):
+        sam = _build_tiny_sam() if sam_type == "tiny" else sam_model_registry[sam_type]()
+    if weights:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(
+                f"SAM weights not found: {weights!r} (MODEL.REGIONSPOT.SAM.WEIGHTS). Download "
+                "the official checkpoint of SAM.TYPE and give its path."
+            )
+        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state_dict, dict) and "model" in state_dict and isinstance(state_dict["model"], dict):
+            state_dict = state_dict["model"]
+        try:
+            sam.load_state_dict(state_dict)
+        except RuntimeError as e:
+            raise ValueError(
+                f"SAM weights {weights!r} do not fit MODEL.REGIONSPOT.SAM.TYPE={sam_type!r}; "
+                f"choose the TYPE the file was made for. Details: {str(e).splitlines()[0]}"
+            ) from e
+    return sam.eval()
+
+
+@dataclass
+class SamImageState:
+    """What SAM keeps of one image between its encoder and its prompt decoder."""
+
+    embedding: torch.Tensor  # [1, C, g, g] image embedding
+    input_size: Tuple[int, int]  # (h, w) of the resized image inside SAM's square input
+    original_size: Tuple[int, int]  # (H, W) of the image the prompts refer to
+
+
+@dataclass
+class SamPromptOutput:
+    """SAM's outputs for N region prompts of one image."""
+
+    tokens: torch.Tensor  # [N, C] position-aware region tokens
+    low_res_masks: Optional[torch.Tensor]  # [N, 1, 4g, 4g] mask logits, or None
+    mask_scores: torch.Tensor  # [N] SAM's predicted IoU
+
+
+class SamRegionTokens(FrozenModule):
+    """
+    Frozen SAM turning region prompts into position-aware tokens and masks.
+
+    Preprocessing is the stock ``SamPredictor``'s: longest side resized to the encoder's input
+    size (``ResizeLongestSide`` on the uint8 image), SAM's pixel normalisation and padding; box
+    prompts are mapped with ``ResizeLongestSide.apply_boxes`` on float64 numpy.
+    """
+
+    def __init__(self, sam: Sam):
+        super().__init__()
+        self.sam = sam
+        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self._captured = None
+        sam.mask_decoder.transformer.register_forward_hook(self._capture_tokens)
+        self.freeze()
+
+    @property
+    def token_dim(self) -> int:
+        """Width of a region token (256 for the released SAMs)."""
+        return self.sam.mask_decoder.transformer_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.sam.pixel_mean.device
+
+    def _capture_tokens(self, module, inputs, outputs):
+        hs = outputs[0]
+        # hs[:, 0] is the IoU token, hs[:, 1] mask token 0 (the single-mask output).
+        self._captured = hs[:, 1, :]
+
+    @torch.no_grad()
+    def encode_image(self, image: np.ndarray) -> SamImageState:
+        """
+        Args:
+            image: [H, W, 3] uint8 RGB.
+
+        Returns:
+            SamImageState with the [1, C, g, g] embedding.
+        """
+        original_size = tuple(image.shape[:2])
+        resized = self.transform.apply_image(image)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        input_size = tuple(x.shape[-2:])
+        x = self.sam.preprocess(x.float())
+        embedding = self.sam.image_encoder(x)
+        return SamImageState(embedding=embedding, input_size=input_size, original_size=original_size)
+
+    def _prompts_to_sam_frame(self, state: SamImageState, boxes, points, point_labels):
+        sam_boxes = sam_points = None
+        if boxes is not None:
+            b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+            b = self.transform.apply_boxes(b, state.original_size)
+            sam_boxes = torch.as_tensor(b, dtype=torch.float32, device=self.device)
+        if points is not None:
+            p = np.asarray(points, dtype=np.float64)
+            p = self.transform.apply_coords(p, state.original_size)
+            sam_points = (
+                torch.as_tensor(p, dtype=torch.float32, device=self.device),
+                torch.as_tensor(np.asarray(point_labels), dtype=torch.int64, device=self.device),
+            )
+        return sam_boxes, sam_points
+
+    @torch.no_grad()
+    def decode_prompts(
+        self,
+        state: SamImageState,
+        boxes=None,
+        points=None,
+        point_labels=None,
+        with_masks: bool = True,
+        chunk_size: int = 256,
+    ) -> SamPromptOutput:
+        """
+        Run SAM's prompt encoder and mask decoder (single-mask mode) for N region prompts.
+
+        Args:
+            state: from :meth:`encode_image`.
+            boxes: [N, 4] XYXY boxes in pixels of the encoded image (array or tensor), or None.
+            points: [N, P, 2] XY point prompts in pixels, or None; with ``point_labels`` [N, P]
+                (1 foreground, 0 background). Boxes and points may be given together.
+            with_masks: keep the [N, 1, 4g, 4g] low-resolution mask logits.
+            chunk_size: prompts decoded at once.
+
+        Returns:
+            SamPromptOutput.
+        """
+        if isinstance(boxes, torch.Tensor):
+            boxes = boxes.detach().cpu().double().numpy()
+        if isinstance(points, torch.Tensor):
+            points = points.detach().cpu().double().numpy()
+        if isinstance(point_labels, torch.Tensor):
+            point_labels = point_labels.detach().cpu().numpy()
+        n = len(boxes) if boxes is not None else (len(points) if points is not None else 0)
+        sam_boxes, sam_points = self._prompts_to_sam_frame(state, boxes, points, point_labels)
+        dim = self.token_dim
+        if n == 0:
+            g = state.embedding.shape[-1] * 4
+            empty_masks = state.embedding.new_zeros((0, 1, g, g)) if with_masks else None
+            return SamPromptOutput(state.embedding.new_zeros((0, dim)), empty_masks, state.embedding.new_zeros((0,)))
+
+        image_pe = self.sam.prompt_encoder.get_dense_pe()
+        tokens, masks, scores = [], [], []
+        for start in range(0, n, max(chunk_size, 1)):
+            sl = slice(start, start + chunk_size)
+            pts = None if sam_points is None else (sam_points[0][sl], sam_points[1][sl])
+            bxs = None if sam_boxes is None else sam_boxes[sl]
+            sparse, dense = self.sam.prompt_encoder(points=pts, boxes=bxs, masks=None)
+            low_res, iou = self.sam.mask_decoder(
+                image_embeddings=state.embedding,
+                image_pe=image_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            tokens.append(self._captured)
+            self._captured = None
+            if with_masks:
+                masks.append(low_res)
+            scores.append(iou[:, 0])
+        return SamPromptOutput(
+            tokens=torch.cat(tokens),
+            low_res_masks=torch.cat(masks) if with_masks else None,
+            mask_scores=torch.cat(scores),
+        )
+
+    @torch.no_grad()
+    def postprocess_masks(self, low_res_masks: torch.Tensor, state: SamImageState, output_size=None) -> torch.Tensor:
+        """
+        Up-sample mask logits the stock SAM way, then threshold.
+
+        Args:
+            low_res_masks: [N, 1, 4g, 4g] logits from :meth:`decode_prompts`.
+            state: the image's state.
+            output_size: (H, W) of the returned masks; default the encoded image's size.
+
+        Returns:
+            [N, H, W] bool masks.
+        """
+        output_size = tuple(output_size or state.original_size)
+        if low_res_masks.shape[0] == 0:
+            return torch.zeros((0, *output_size), dtype=torch.bool, device=low_res_masks.device)
+        up = self.sam.postprocess_masks(low_res_masks, state.input_size, output_size)
+        return up[:, 0] > self.sam.mask_threshold

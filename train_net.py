@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""
+Train or evaluate RegionSpot with detectron2's trainer.
+
+    python train_net.py --config-file configs/RegionSpot-tiny_shapes.yaml
+    python train_net.py --config-file configs/RegionSpot-BB_lvis-val_gt-boxes.yaml --eval-only \
+        MODEL.WEIGHTS weights/regionspot_bb.pth
+"""
+import logging
+import os
+import weakref
+from collections import OrderedDict
+
+import detectron2.utils.comm as comm
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, LVISEvaluator, verify_results
+
+import regionspot  # noqa: F401  (registers the meta-architecture, head and datasets)
+from regionspot import RegionSpotCheckpointer, add_regionspot_config
+from regionspot.data import build_regionspot_test_loader, build_regionspot_train_loader
+from regionspot.solver import build_regionspot_optimizer
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with RegionSpot's loaders, optimizer, checkpointer and per-dataset vocabulary."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+        if evaluator_type == "lvis":
+            return LVISEvaluator(dataset_name, output_dir=output_folder)
+        if evaluator_type == "coco":
+            return COCOEvaluator(dataset_name, output_dir=output_folder)
+        raise NotImplementedError(
+            f"No evaluator for dataset {dataset_name!r} (evaluator_type={evaluator_type!r}); "
+            "RegionSpot evaluates 'lvis' and 'coco' datasets."
+        )
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_regionspot_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_regionspot_train_loader(cfg)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_regionspot_optimizer(cfg, model)
+
+    def build_hooks(self):
+        # Called by DefaultTrainer.__init__ before its hooks take the checkpointer.
+        self.checkpointer = RegionSpotCheckpointer(
+            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        return super().build_hooks()
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate on each of DATASETS.TEST with that dataset's class names as the vocabulary."""
+        head = (model.module if hasattr(model, "module") else model).roi_heads
+        results = OrderedDict()
+        for idx, name in enumerate(cfg.DATASETS.TEST):
+            if cfg.MODEL.REGIONSPOT.VOCABULARY == "dataset":
+                head.set_vocabulary(MetadataCatalog.get(name).thing_classes)
+            one = cfg.clone()
+            one.defrost()
+            one.DATASETS.TEST = (name,)
+            if cfg.MODEL.LOAD_PROPOSALS:
+                one.DATASETS.PROPOSAL_FILES_TEST = (cfg.DATASETS.PROPOSAL_FILES_TEST[idx],)
+            one.freeze()
+            results[name] = super().test(one, model, None if evaluators is None else [evaluators[idx]])
+        return results
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_regionspot_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        RegionSpotCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    logging.getLogger(__name__).info("Command line arguments: %s", args)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
