@@ -9,6 +9,7 @@ latter and checks every shape against the configured model, so a checkpoint of a
 fails with a message that names both.
 """
 import logging
+import os
 from typing import Dict, Mapping, Optional
 
 import torch
@@ -16,7 +17,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["convert_regionspot_state_dict", "RegionSpotCheckpointer", "FUSION_PREFIXES"]
+__all__ = ["convert_regionspot_state_dict", "RegionSpotCheckpointer", "FUSION_PREFIXES", "accept_released_checkpoints"]
 
 FUSION_PREFIXES = ("to_clip.", "decoder.", "projector.")
 _RELEASED_FROZEN = ("model.sam.", "model.clip_model.")
@@ -94,6 +95,15 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
     checkpoints of another variant (the stock one would skip mismatched tensors with a warning).
     """
 
+    def load(self, path, *args, **kwargs):
+        if path and "://" not in path and not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Checkpoint not found: {path!r} (MODEL.WEIGHTS). Give the path of a RegionSpot "
+                "checkpoint (the authors' release or one written by train_net.py), or leave "
+                "MODEL.WEIGHTS empty to start from scratch."
+            )
+        return super().load(path, *args, **kwargs)
+
     def _load_model(self, checkpoint):
         fusion_prefix = _find_fusion_prefix(self.model)
         if fusion_prefix is not None:
@@ -109,3 +119,28 @@ def _find_fusion_prefix(model) -> Optional[str]:
         if isinstance(module, RegionSpotFusion):
             return name + "." if name else ""
     return None
+
+
+def accept_released_checkpoints(model):
+    """
+    Let ``model.load_state_dict`` (and so the stock ``DetectionCheckpointer``) read released
+    RegionSpot checkpoints: keys are converted and validated by :func:`convert_regionspot_state_dict`
+    when loading starts. Register on the root module (children only see their own keys).
+    """
+
+    def convert(module, state_dict, prefix, *args):
+        fusion_prefix = _find_fusion_prefix(module)
+        if fusion_prefix is None:
+            return
+        before = set(state_dict)
+        shapes = {prefix + k: v.shape for k, v in module.state_dict().items()}
+        convert_regionspot_state_dict(state_dict, shapes, prefix + fusion_prefix)
+        module._released_keys_consumed = before - set(state_dict)
+
+    def quiet(module, incompatible_keys):
+        consumed = getattr(module, "_released_keys_consumed", set())
+        incompatible_keys.unexpected_keys[:] = [k for k in incompatible_keys.unexpected_keys if k not in consumed]
+
+    model.register_load_state_dict_pre_hook(convert)
+    model.register_load_state_dict_post_hook(quiet)
+    return model

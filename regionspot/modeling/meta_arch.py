@@ -10,6 +10,8 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import ImageList, Instances
 
+from ..checkpoint import accept_released_checkpoints
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["RegionSpot"]
@@ -50,6 +52,8 @@ class RegionSpot(nn.Module):
         self.box_source = box_source
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        # The stock DetectionCheckpointer then reads the authors' released checkpoints too.
+        accept_released_checkpoints(self)
 
     @classmethod
     def from_config(cls, cfg):

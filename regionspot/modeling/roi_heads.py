@@ -19,7 +19,6 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 from detectron2.structures import Boxes, ImageList, Instances
 
-from ..checkpoint import convert_regionspot_state_dict
 from .clip_features import ClipDenseFeatures, build_clip
 from .fusion import RegionSpotFusion, region_text_logits
 from .sam_tokens import SamImageState, SamRegionTokens, build_sam
@@ -179,7 +178,7 @@ class RegionSpotROIHeads(nn.Module):
 
         # Checkpoints hold the fusion module only; SAM and CLIP come from their own files.
         self.register_state_dict_post_hook(_drop_frozen_from_state_dict)
-        self.register_load_state_dict_pre_hook(_convert_on_load)
+        self.register_load_state_dict_pre_hook(_remember_prefix)
         self.register_load_state_dict_post_hook(_quiet_frozen_keys)
 
     @classmethod
@@ -445,17 +444,12 @@ def _drop_frozen_from_state_dict(module, state_dict, prefix, local_metadata):
         del state_dict[k]
 
 
-def _convert_on_load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    shapes = {prefix + k: v.shape for k, v in module.state_dict().items()}
-    before = set(state_dict)
-    convert_regionspot_state_dict(state_dict, shapes, prefix + "fusion.")
-    # Remembered for the post-hook, which is not told the prefix.
-    module._load_info = (prefix, before - set(state_dict))
+def _remember_prefix(module, state_dict, prefix, *args):
+    # The post-hook is not told the prefix.
+    module._load_prefix = prefix
 
 
 def _quiet_frozen_keys(module, incompatible_keys):
-    """SAM/CLIP are never in checkpoints: not 'missing'; converted released keys not 'unexpected'."""
-    prefix, consumed = getattr(module, "_load_info", ("", set()))
-    frozen = tuple(prefix + c for c in _FROZEN_CHILDREN)
+    """SAM/CLIP are never in checkpoints: their parameters are not 'missing'."""
+    frozen = tuple(getattr(module, "_load_prefix", "") + c for c in _FROZEN_CHILDREN)
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(frozen)]
-    incompatible_keys.unexpected_keys[:] = [k for k in incompatible_keys.unexpected_keys if k not in consumed]

@@ -5,6 +5,7 @@ tower and cached on disk.
 import hashlib
 import logging
 import os
+import pickle
 from typing import List, Optional, Sequence
 
 import torch
@@ -151,7 +152,7 @@ class TextEmbeddingCache:
         if os.path.isfile(path):
             try:
                 entry = torch.load(path, map_location="cpu", weights_only=True)
-            except (RuntimeError, EOFError, OSError) as e:
+            except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
                 logger.warning(f"Ignoring unreadable text-embedding cache file {path}: {e}")
             else:
                 if entry.get("class_names") == class_names:

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny SAM/CLIP with seeded random weights, everything on CPU."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+
+import regionspot
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO_ROOT, "configs", "RegionSpot-tiny_shapes.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path_factory, monkeypatch):
+    # Text-embedding cache and generated datasets go to per-session temp dirs.
+    monkeypatch.setenv("REGIONSPOT_CACHE", str(tmp_path_factory.getbasetemp() / "rs_cache"))
+
+
+def tiny_cfg(*opts):
+    """The built-in tiny config (random frozen models) with overrides."""
+    cfg = get_cfg()
+    regionspot.add_regionspot_config(cfg)
+    cfg.merge_from_file(TINY_CONFIG)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+@pytest.fixture
+def cfg():
+    return tiny_cfg()
+
+
+@pytest.fixture(scope="session")
+def photo():
+    """A real photo shipped by scikit-image (RGB uint8), cropped for speed."""
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut()[80:280, 100:340])
+
+
+@pytest.fixture(scope="session")
+def predictor():
+    torch.manual_seed(0)
+    return regionspot.RegionSpotPredictor(tiny_cfg())

@@ -1,0 +1,110 @@
+"""SAM adapter: tokens are what SAM computes inside its mask decoder; masks are stock SAM's."""
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamPredictor
+
+from regionspot.modeling.sam_tokens import SamRegionTokens, build_sam
+
+
+@pytest.fixture(scope="module")
+def sam():
+    return build_sam("tiny", random_init=True, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokens_model(sam):
+    return SamRegionTokens(sam)
+
+
+BOXES = np.array([[10.0, 20.0, 120.0, 150.0], [50.5, 5.25, 200.0, 90.0], [0.0, 0.0, 239.0, 199.0]])
+
+
+def _internal_tokens(sam, embedding, boxes_1024):
+    """Mask token 0 after SAM's two-way transformer, recomputed from the stock modules."""
+    dec = sam.mask_decoder
+    sparse, dense = sam.prompt_encoder(points=None, boxes=boxes_1024, masks=None)
+    output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+    tokens = torch.cat([output_tokens[None].expand(len(sparse), -1, -1), sparse], dim=1)
+    src = torch.repeat_interleave(embedding, len(sparse), dim=0) + dense
+    pos = torch.repeat_interleave(sam.prompt_encoder.get_dense_pe(), len(sparse), dim=0)
+    hs, _ = dec.transformer(src, pos, tokens)
+    return hs[:, 1, :]
+
+
+def test_shapes_and_frozen(tokens_model, photo):
+    state = tokens_model.encode_image(photo)
+    g = state.embedding.shape[-1]
+    assert state.embedding.shape == (1, tokens_model.token_dim, g, g)
+    assert state.original_size == photo.shape[:2]
+    out = tokens_model.decode_prompts(state, BOXES)
+    assert out.tokens.shape == (3, tokens_model.token_dim)
+    assert out.low_res_masks.shape == (3, 1, 4 * g, 4 * g)
+    assert out.mask_scores.shape == (3,)
+    assert all(not p.requires_grad for p in tokens_model.parameters())
+    tokens_model.train()
+    assert not tokens_model.training and not tokens_model.sam.training
+
+
+def test_tokens_equal_sam_internal_and_masks_equal_stock_predictor(tokens_model, sam, photo):
+    state = tokens_model.encode_image(photo)
+    out = tokens_model.decode_prompts(state, BOXES)
+
+    stock = SamPredictor(sam)
+    stock.set_image(photo)
+    torch.testing.assert_close(stock.features, state.embedding, rtol=0, atol=0)
+    boxes_1024 = torch.as_tensor(stock.transform.apply_boxes(BOXES, photo.shape[:2]), dtype=torch.float32)
+    with torch.no_grad():
+        expected = _internal_tokens(sam, stock.features, boxes_1024)
+    torch.testing.assert_close(out.tokens, expected, rtol=0, atol=1e-6)
+
+    masks = tokens_model.postprocess_masks(out.low_res_masks, state)
+    for i, box in enumerate(BOXES):
+        m, iou, low = stock.predict(box=box, multimask_output=False)
+        np.testing.assert_allclose(low[0], out.low_res_masks[i, 0].numpy(), atol=1e-5)
+        assert (m[0] == masks[i].numpy()).mean() > 0.9999
+        assert abs(iou[0] - out.mask_scores[i].item()) < 1e-5
+
+
+def test_chunking_and_empty(tokens_model, photo):
+    state = tokens_model.encode_image(photo)
+    whole = tokens_model.decode_prompts(state, BOXES, chunk_size=256)
+    chunked = tokens_model.decode_prompts(state, torch.as_tensor(BOXES), chunk_size=2)
+    torch.testing.assert_close(whole.tokens, chunked.tokens, rtol=0, atol=1e-6)
+    torch.testing.assert_close(whole.low_res_masks, chunked.low_res_masks, rtol=0, atol=1e-5)
+    empty = tokens_model.decode_prompts(state, np.zeros((0, 4)))
+    assert empty.tokens.shape == (0, tokens_model.token_dim) and empty.low_res_masks.shape[0] == 0
+    assert tokens_model.postprocess_masks(empty.low_res_masks, state).shape == (0, *photo.shape[:2])
+
+
+def test_point_prompts(tokens_model, photo):
+    state = tokens_model.encode_image(photo)
+    points = np.array([[[60.0, 80.0], [100.0, 30.0]], [[10.0, 10.0], [200.0, 150.0]]])
+    labels = np.array([[1, 0], [1, 1]])
+    out = tokens_model.decode_prompts(state, points=points, point_labels=labels)
+    assert out.tokens.shape == (2, tokens_model.token_dim)
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match="SAM.WEIGHTS is empty"):
+        build_sam("vit_b")
+    with pytest.raises(ValueError, match="unknown"):
+        build_sam("vit_x", random_init=True)
+    missing = str(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        build_sam("tiny", weights=missing)
+    sd = build_sam("tiny", random_init=True).state_dict()
+    sd.pop("mask_decoder.iou_token.weight")
+    bad = tmp_path / "bad.pth"
+    torch.save(sd, bad)
+    with pytest.raises(ValueError, match="do not fit MODEL.REGIONSPOT.SAM.TYPE='tiny'"):
+        build_sam("tiny", weights=str(bad))
+
+
+def test_weights_round_trip(tmp_path, photo):
+    a = build_sam("tiny", random_init=True, seed=7)
+    path = tmp_path / "sam_tiny.pth"
+    torch.save(a.state_dict(), path)
+    b = build_sam("tiny", weights=str(path))
+    sa, sb = SamRegionTokens(a), SamRegionTokens(b)
+    torch.testing.assert_close(sa.encode_image(photo).embedding, sb.encode_image(photo).embedding, rtol=0, atol=0)
