@@ -1,0 +1,48 @@
+"""Every shipped config parses; the tiny one builds the registered parts."""
+import glob
+import os
+
+import pytest
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+import regionspot
+from conftest import REPO_ROOT, tiny_cfg
+
+CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.yaml")) + glob.glob(os.path.join(REPO_ROOT, "projects", "**", "*.yaml"), recursive=True))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, REPO_ROOT) for p in CONFIGS])
+def test_config_parses(path):
+    cfg = get_cfg()
+    regionspot.add_regionspot_config(cfg)
+    cfg.merge_from_file(path)
+    if not os.path.basename(path).startswith("Base-"):
+        assert cfg.MODEL.META_ARCHITECTURE and cfg.MODEL.ROI_HEADS.NAME == "RegionSpotROIHeads"
+
+
+def test_every_key_is_documented():
+    src = open(os.path.join(REPO_ROOT, "regionspot", "config.py")).read().splitlines()
+    for i, line in enumerate(src):
+        stripped = line.strip()
+        if stripped.startswith("rs.") and "=" in stripped and "CN()" not in stripped:
+            above = src[i - 1].strip()
+            assert above.startswith("#") or src[i - 1].strip().startswith("rs."), f"undocumented key: {stripped}"
+
+
+def test_tiny_model_builds_registered_parts():
+    model = build_model(tiny_cfg())
+    assert type(model).__name__ == "RegionSpot" and type(model.roi_heads).__name__ == "RegionSpotROIHeads"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("roi_heads.fusion.") for n in trainable)
+
+
+def test_bad_settings_fail_clearly():
+    with pytest.raises(ValueError, match="BOX_SOURCE"):
+        build_model(tiny_cfg("MODEL.REGIONSPOT.BOX_SOURCE", "BOXES"))
+    with pytest.raises(ValueError, match="LOAD_PROPOSALS"):
+        build_model(tiny_cfg("MODEL.REGIONSPOT.BOX_SOURCE", "PROPOSALS"))
+    with pytest.raises(ValueError, match="SCORING"):
+        build_model(tiny_cfg("MODEL.REGIONSPOT.SCORING", "max"))
+    with pytest.raises(ValueError, match="CUSTOM_VOCABULARY is empty"):
+        build_model(tiny_cfg("MODEL.REGIONSPOT.VOCABULARY", "custom"))

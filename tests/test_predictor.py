@@ -1,0 +1,75 @@
+"""RegionSpotPredictor: outputs, vocabulary swaps, input checks, agreement with the eval path."""
+import numpy as np
+import pytest
+import torch
+from detectron2.structures import Boxes, Instances
+
+BOXES = np.array([[10.0, 10.0, 120.0, 150.0], [60.0, 30.0, 230.0, 190.0], [100.0, 100.0, 140.0, 130.0]])
+
+
+def test_outputs(predictor, photo):
+    predictor.set_image(photo)
+    out = predictor.predict(BOXES)
+    n, c = len(BOXES), len(predictor.class_names)
+    assert out["logits"].shape == out["scores"].shape == (n, c)
+    assert out["classes"].shape == out["mask_scores"].shape == (n,)
+    assert out["masks"].shape == (n, *photo.shape[:2]) and out["masks"].dtype == torch.bool
+    torch.testing.assert_close(out["scores"].sum(1), torch.ones(n))
+    assert torch.equal(out["classes"], out["logits"].argmax(1))
+    torch.testing.assert_close(out["scores"], out["logits"].softmax(1))
+    no_masks = predictor.predict(BOXES, return_masks=False)
+    assert "masks" not in no_masks
+    torch.testing.assert_close(no_masks["logits"], out["logits"], rtol=0, atol=0)
+
+
+def test_vocabulary_swap_changes_width(predictor, photo):
+    original = predictor.class_names
+    try:
+        predictor.set_vocabulary(["cat", "dog", "astronaut", "flag"])
+        predictor.set_image(photo)
+        assert predictor.predict(BOXES)["logits"].shape == (3, 4)
+        with pytest.raises(ValueError, match="empty"):
+            predictor.set_vocabulary([])
+    finally:
+        predictor.set_vocabulary(original)
+    assert predictor.predict(BOXES)["logits"].shape == (3, len(original))
+
+
+def test_bgr_input_and_input_errors(predictor, photo):
+    predictor.set_image(photo)
+    rgb = predictor.predict(BOXES)["logits"]
+    predictor.set_image(np.ascontiguousarray(photo[:, :, ::-1]), image_format="BGR")
+    torch.testing.assert_close(predictor.predict(BOXES)["logits"], rgb, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\[H, W, 3\] uint8"):
+        predictor.set_image(photo.astype(np.float32))
+    with pytest.raises(ValueError, match="boxes must be"):
+        predictor.predict(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="point_labels"):
+        predictor.predict(point_coords=np.zeros((1, 1, 2)))
+
+
+def test_zero_boxes_and_points(predictor, photo):
+    predictor.set_image(photo)
+    out = predictor.predict(np.zeros((0, 4)))
+    assert out["logits"].shape == (0, len(predictor.class_names)) and out["masks"].shape == (0, *photo.shape[:2])
+    pts = predictor.predict(point_coords=np.array([[[50.0, 60.0]], [[150.0, 100.0]]]), point_labels=np.array([[1], [1]]))
+    assert pts["logits"].shape == (2, len(predictor.class_names))
+
+
+def test_predictor_equals_eval_path(predictor, photo):
+    """The ROI head's per-region output is the predictor's, region for region."""
+    predictor.set_image(photo)
+    out = predictor.predict(BOXES)
+    regions = Instances(photo.shape[:2], proposal_boxes=Boxes(torch.as_tensor(BOXES, dtype=torch.float32)))
+    inst = predictor.head.recognize(photo, regions, per_region=True)
+    torch.testing.assert_close(inst.scores, out["scores"].max(1).values, rtol=0, atol=1e-6)
+    assert torch.equal(inst.pred_classes, out["classes"])
+    assert torch.equal(inst.pred_masks, out["masks"])
+
+
+def test_predict_before_set_image(cfg):
+    import regionspot
+
+    p = regionspot.RegionSpotPredictor(cfg)
+    with pytest.raises(RuntimeError, match="set_image"):
+        p.predict(BOXES)
