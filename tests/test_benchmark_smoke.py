@@ -51,6 +51,7 @@ def test_benchmark_tiny_smoke(tmp_path):
         assert r["phases_ms"]["total"] > 0.0
         assert r["phases_ms"]["eval_path_total"] > 0.0
         assert r["build_s"] > 0.0
+        assert 0.0 <= r["vocabulary_s"] <= r["build_s"]
         assert r["rss_after_build_mb"] > 0.0
         assert r["peak_rss_mb"] > 0.0
         assert "peak_rss_growth_mb" in r

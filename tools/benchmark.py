@@ -20,9 +20,10 @@ the phase timings. Phases, on the same image and boxes:
 
 Examples::
 
-    # the full sweep (CPU)
+    # the full sweep (CPU); a persistent --cache-dir keeps the vocabulary's text embeddings
+    # between runs (they are encoded once per CLIP variant, inside the build time, otherwise)
     python tools/benchmark.py --variants BB BL --num-boxes 1 10 100 --repeats 3 --warmup 1 \\
-        --output-json output/benchmark_cpu.json --markdown
+        --cache-dir output/benchmark_text_cache --output-json output/benchmark_cpu.json --markdown
     # quick smoke run with the tiny models
     python tools/benchmark.py --variants tiny --num-boxes 0 1 3 --repeats 1 --warmup 0
 
@@ -219,6 +220,7 @@ def run_worker(spec: dict) -> dict:
     from detectron2.structures import Boxes, Instances
 
     from regionspot import RegionSpotPredictor
+    from regionspot.modeling.text_embeddings import TextEmbeddingCache
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -237,11 +239,27 @@ def run_worker(spec: dict) -> dict:
     cfg = build_cfg(spec["variant"], device, spec["cache_dir"], spec["vocabulary"])
 
     cache_before = set(os.listdir(spec["cache_dir"])) if os.path.isdir(spec["cache_dir"]) else set()
+    # The build includes the vocabulary's text embeddings (read from the cache, or encoded by
+    # CLIP's text tower when not cached); that part is timed on its own as "vocabulary_s".
+    vocabulary_s = [0.0]
+    original_get = TextEmbeddingCache.get
+
+    def timed_get(self, *a, **kw):
+        start = time.perf_counter()
+        try:
+            return original_get(self, *a, **kw)
+        finally:
+            vocabulary_s[0] += time.perf_counter() - start
+
+    TextEmbeddingCache.get = timed_get
     torch.manual_seed(spec["seed"])
     sync()
     t0 = time.perf_counter()
-    predictor = RegionSpotPredictor(cfg)
-    sync()
+    try:
+        predictor = RegionSpotPredictor(cfg)
+        sync()
+    finally:
+        TextEmbeddingCache.get = original_get
     build_s = time.perf_counter() - t0
     cache_after = set(os.listdir(spec["cache_dir"])) if os.path.isdir(spec["cache_dir"]) else set()
     head = predictor.head
@@ -266,6 +284,7 @@ def run_worker(spec: dict) -> dict:
         "warmup": spec["warmup"],
         "torch_num_threads": torch.get_num_threads(),
         "build_s": build_s,
+        "vocabulary_s": vocabulary_s[0],
         "text_embeddings_encoded_in_build": bool(cache_after - cache_before),
         "rss_after_build_mb": _current_rss_mb(),
         "build_peak_rss_mb": _maxrss_mb(),
@@ -309,11 +328,16 @@ def run_worker(spec: dict) -> dict:
 
     runs = {p: [] for p in PHASES}
     with torch.inference_mode():
-        for _ in range(spec["warmup"]):
-            one_round()
-        for _ in range(spec["repeats"]):
-            for phase, seconds in one_round().items():
+        for i in range(spec["warmup"]):
+            t = one_round()
+            logger.info("%s N=%d: warm-up %d/%d done (total %.1f ms)", spec["variant"], spec["num_boxes"],
+                        i + 1, spec["warmup"], t["total"] * 1000.0)
+        for i in range(spec["repeats"]):
+            t = one_round()
+            for phase, seconds in t.items():
                 runs[phase].append(seconds * 1000.0)
+            logger.info("%s N=%d: run %d/%d done (total %.1f ms)", spec["variant"], spec["num_boxes"],
+                        i + 1, spec["repeats"], t["total"] * 1000.0)
 
     result["phases_ms"] = {p: statistics.median(v) for p, v in runs.items()}
     result["phases_ms_runs"] = runs
@@ -353,13 +377,13 @@ def run_job(spec: dict, timeout=None) -> dict:
 def _fmt(x, digits=1):
     if x is None:
         return "-"
-    return f"{x:,.{digits}f}"
+    return f"{x:.{digits}f}"
 
 
 def results_table(results, markdown: bool) -> str:
     from tabulate import tabulate
 
-    headers = ["variant", "N", "build s"] + [f"{p} ms" for p in PHASES]
+    headers = ["variant", "N", "build s", "of which vocab s"] + [f"{p} ms" for p in PHASES]
     headers += ["mem after build MB", "peak MB", "peak growth MB"]
     rows = []
     for r in results:
@@ -371,7 +395,7 @@ def results_table(results, markdown: bool) -> str:
         else:
             mem = [r["rss_after_build_mb"], r["peak_rss_mb"], r["peak_rss_growth_mb"]]
         rows.append(
-            [r["variant"], r["num_boxes"], _fmt(r["build_s"], 2)]
+            [r["variant"], r["num_boxes"], _fmt(r["build_s"], 2), _fmt(r["vocabulary_s"], 2)]
             + [_fmt(r["phases_ms"][p]) for p in PHASES]
             + [_fmt(m, 0) for m in mem]
         )
@@ -412,7 +436,10 @@ def parse_args(argv=None):
                         "'random' (seeded 600x512), or an image file")
     p.add_argument("--seed", type=int, default=0, help="seed of the boxes (and of a random image)")
     p.add_argument("--vocabulary", nargs="+", default=list(DEFAULT_VOCABULARY), help="class names")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in workers (0: torch default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch.set_num_threads in workers (0: torch default). On a machine shared with "
+                        "other jobs, fewer threads than cores avoids OpenMP contention that can inflate "
+                        "timings many times over")
     p.add_argument("--cache-dir", default="",
                    help="text-embedding cache directory (default: a temporary directory)")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per (variant, N) subprocess")
@@ -478,6 +505,9 @@ def main(argv=None) -> int:
                 )
             results.append(r)
 
+    worker_threads = sorted({r["torch_num_threads"] for r in results if "torch_num_threads" in r})
+    if worker_threads:
+        info["torch_num_threads"] = worker_threads[0] if len(worker_threads) == 1 else worker_threads
     print(machine_text(info, args, image_desc, args.markdown))
     print()
     print(results_table(results, args.markdown))
