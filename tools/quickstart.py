@@ -63,8 +63,11 @@ def visualise(cfg, model, dataset_name, output_dir, count):
             if tuple(box) not in seen:
                 seen.add(tuple(box))
                 keep.append(i)
+        inst = inst[keep]
+        if inst.has("pred_masks"):
+            inst.remove("pred_masks")  # a random-weight SAM's masks are noise: draw boxes only
         vis = Visualizer(read_image(d["file_name"], format="RGB"), metadata, scale=3.0)
-        out = vis.draw_instance_predictions(inst[keep])
+        out = vis.draw_instance_predictions(inst)
         path = os.path.join(output_dir, f"vis_{os.path.splitext(os.path.basename(d['file_name']))[0]}.png")
         cv2.imwrite(path, out.get_image()[:, :, ::-1])
         paths.append(path)
@@ -88,7 +91,9 @@ def main(argv=None):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     before = Trainer.test(cfg, trainer.model)
-    after = trainer.train()  # DefaultTrainer evaluates once at the end and returns the results
+    trainer.train()
+    # DefaultTrainer's EvalHook evaluates once after the last iteration; reuse that result.
+    after = getattr(trainer, "_last_eval_results", None) or Trainer.test(cfg, trainer.model)
     paths = visualise(cfg, trainer.model, test_name, args.output_dir, args.num_vis)
 
     print(f"box AP before training: {box_ap(before, test_name):.1f} ({test_name}, GT boxes as prompts)")
