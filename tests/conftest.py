@@ -1,13 +1,19 @@
 """Shared fixtures: tiny SAM/CLIP with seeded random weights, everything on CPU."""
 import os
 
-import numpy as np
-import pytest
-import torch
+# Tiny models run fastest on one thread, and the subprocesses of the tests inherit this; without it
+# they oversubscribe the cores when run beside each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from detectron2.config import get_cfg
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-import regionspot
+from detectron2.config import get_cfg  # noqa: E402
+
+import regionspot  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO_ROOT, "configs", "RegionSpot-tiny_shapes.yaml")

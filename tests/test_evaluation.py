@@ -109,7 +109,7 @@ def _install_oracle(monkeypatch, model, shift=0, scale=100.0):
             pending.append((gt.gt_boxes.to("cpu"), gt.gt_classes.to("cpu"), r.proposal_boxes.to("cpu")))
         return out
 
-    def logits(region_embeddings):
+    def logits(region_embeddings, vocabulary=None):
         gt_boxes, gt_classes, region_boxes = pending.popleft()
         n = region_embeddings.shape[0]
         assert region_embeddings.dim() == 2 and n == len(region_boxes)

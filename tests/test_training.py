@@ -32,7 +32,7 @@ def test_focal_loss_normalisation(monkeypatch):
     c = head.num_classes
     torch.manual_seed(0)
     fixed = torch.randn(3, 4, c)  # 3 images padded to 4 regions
-    monkeypatch.setattr(head, "logits", lambda emb: fixed[:, : emb.shape[1]])
+    monkeypatch.setattr(head, "logits", lambda emb, vocabulary=None: fixed[:, : emb.shape[1]])
     tokens = [torch.randn(4, head.sam.token_dim), torch.randn(0, head.sam.token_dim), torch.randn(2, head.sam.token_dim)]
     labels = [torch.tensor([0, 1, 2, 5]), torch.zeros(0, dtype=torch.long), torch.tensor([3, 3])]
     feats = torch.randn(3, head.clip.num_tokens, head.clip.width)
@@ -93,30 +93,31 @@ def test_resume_after_kill(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.Popen(_train_cmd(tmp_path, 100000), cwd=REPO_ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    ckpt = tmp_path / "model_0000009.pth"
+    marker = tmp_path / "last_checkpoint"
     deadline = time.time() + 240
-    while not (ckpt.exists() and (tmp_path / "last_checkpoint").read_text().strip() == ckpt.name):
+    while not (marker.exists() and marker.read_text().strip() != "model_0000004.pth"):
         assert proc.poll() is None, "training died"
         assert time.time() < deadline, "no checkpoint in time"
-        time.sleep(0.2)
-    time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-training, possibly while writing the next checkpoint
     proc.wait()
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-    assert saved["iteration"] == 9
+    last = marker.read_text().strip()
+    saved = torch.load(tmp_path / last, map_location="cpu", weights_only=False)
+    k = saved["iteration"]
+    assert k >= 9 and (k + 1) % 5 == 0
     assert "optimizer" in saved["trainer"]["_trainer"] and "LRScheduler" in saved["trainer"]["hooks"]
 
-    resumed = subprocess.run(_train_cmd(tmp_path, 15, resume=True), cwd=REPO_ROOT, env=env,
+    max_iter = k + 1 + 5
+    resumed = subprocess.run(_train_cmd(tmp_path, max_iter, resume=True), cwd=REPO_ROOT, env=env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    last = (tmp_path / "last_checkpoint").read_text().strip()
-    assert last == "model_final.pth"
-    final = torch.load(tmp_path / last, map_location="cpu", weights_only=False)
-    assert final["iteration"] == 14
-    # AdamW's step count continues from the checkpoint: 10 steps before the kill + 5 after.
-    state = next(iter(final["trainer"]["_trainer"]["optimizer"]["state"].values()))
-    assert int(state["step"]) == 15
-    # The LR schedule continued too (one decay at iteration 8).
-    assert final["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == 15
     log = resumed.stdout + resumed.stderr
-    assert "Loading from" in log and "model_0000009.pth" in log
+    assert "Loading from" in log and last in log
+    assert marker.read_text().strip() == "model_final.pth"
+    final = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["iteration"] == max_iter - 1
+    # AdamW's step count continues from the checkpoint: k + 1 steps before the kill, 5 after.
+    state = next(iter(final["trainer"]["_trainer"]["optimizer"]["state"].values()))
+    assert int(state["step"]) == max_iter
+    # The LR schedule continued too.
+    assert final["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == max_iter

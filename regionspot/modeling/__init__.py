@@ -1,6 +1,7 @@
 """RegionSpot's models; importing this package registers the meta-architecture and ROI head."""
 from .clip_features import ClipDenseFeatures, build_clip
 from .fusion import RegionSpotFusion, region_text_logits
+from .masks import SamMasks
 from .meta_arch import RegionSpot  # registers META_ARCHITECTURE "RegionSpot"
 from .roi_heads import RegionSpotROIHeads, select_detections  # registers ROI_HEADS "RegionSpotROIHeads"
 from .sam_tokens import SamRegionTokens, build_sam

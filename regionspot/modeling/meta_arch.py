@@ -8,7 +8,7 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.roi_heads import build_roi_heads
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import ImageList, Instances, ROIMasks
 
 from ..checkpoint import accept_released_checkpoints
 
@@ -110,10 +110,19 @@ class RegionSpot(nn.Module):
         """
         if not self.training:
             return self.inference(batched_inputs)
-        images = self.preprocess_image(batched_inputs)
+        vocabulary = _batch_vocabulary(batched_inputs)
         targets = [x["instances"].to(self.device) for x in batched_inputs]
-        _, losses = self.roi_heads(images, {}, [], targets)
-        return losses
+        if all("region_tokens" in x for x in batched_inputs):
+            # Features read from the cache of tools/extract_features.py: SAM and CLIP do not run.
+            loss = self.roi_heads.loss_from_tokens(
+                [x["region_tokens"] for x in batched_inputs],
+                torch.stack([x["clip_features"] for x in batched_inputs]).to(self.device),
+                [t.gt_classes for t in targets],
+                vocabulary,
+            )
+            return {"loss_region_cls": loss}
+        images = self.preprocess_image(batched_inputs)
+        return self.roi_heads.losses(images, targets, vocabulary)
 
     def inference(
         self,
@@ -145,16 +154,25 @@ class RegionSpot(nn.Module):
         ]
 
 
+def _batch_vocabulary(batched_inputs: List[Dict]) -> Optional[str]:
+    """The named vocabulary of a batch (multi-dataset training), or None for the current one."""
+    names = {x.get("vocabulary") for x in batched_inputs}
+    if len(names) > 1:
+        raise ValueError(f"A batch mixes images of vocabularies {sorted(map(str, names))}; batches must come from one dataset.")
+    return names.pop() if names else None
+
+
 def _rescale(instances: Instances, height: int, width: int) -> Instances:
-    """Rescale results to the requested output size (boxes scaled, masks resized nearest)."""
+    """
+    Results at the requested output size: boxes scaled, SAM masks up-sampled from their logits to
+    (height, width). Unlike ``detector_postprocess`` no box is dropped, so given boxes keep their order.
+    """
     h, w = instances.image_size
-    if (h, w) == (height, width):
-        return instances
     out = Instances((height, width), **instances.get_fields())
-    out.pred_boxes = out.pred_boxes.clone()
-    out.pred_boxes.scale(width / w, height / h)
-    out.pred_boxes.clip(out.image_size)
-    if out.has("pred_masks") and len(out):
-        masks = out.pred_masks[:, None].float()
-        out.pred_masks = torch.nn.functional.interpolate(masks, size=(height, width), mode="nearest")[:, 0] > 0.5
+    if (h, w) != (height, width):
+        out.pred_boxes = out.pred_boxes.clone()
+        out.pred_boxes.scale(width / w, height / h)
+        out.pred_boxes.clip(out.image_size)
+    if out.has("pred_masks") and isinstance(out.pred_masks, ROIMasks):
+        out.pred_masks = out.pred_masks.to_bitmasks(out.pred_boxes, height, width).tensor
     return out

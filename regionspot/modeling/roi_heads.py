@@ -21,6 +21,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 
 from .clip_features import ClipDenseFeatures, build_clip
 from .fusion import RegionSpotFusion, region_text_logits
+from .masks import SamMasks
 from .sam_tokens import SamImageState, SamRegionTokens, build_sam
 from .text_embeddings import PROMPT_TEMPLATES, TextEmbeddingCache
 
@@ -173,6 +174,8 @@ class RegionSpotROIHeads(nn.Module):
         self.text_cache = text_cache or TextEmbeddingCache()
         self.text_batch_size = text_batch_size
         self.class_names: List[str] = []
+        # Named vocabularies of training datasets: key -> (class names, [C, D_t] embeddings).
+        self.vocabularies: Dict[str, Tuple[List[str], torch.Tensor]] = {}
         if class_names:
             self.set_vocabulary(class_names)
 
@@ -245,6 +248,37 @@ class RegionSpotROIHeads(nn.Module):
         self.class_names = class_names
         self.text_embeddings = embeddings.to(self.pixel_mean.device, torch.float32)
 
+    def add_vocabulary(self, key: str, class_names: Sequence[str], embeddings: Optional[torch.Tensor] = None):
+        """
+        Register a named vocabulary (e.g. a training dataset's), used when a batch names it; the
+        current vocabulary of :meth:`set_vocabulary` is unchanged.
+        """
+        class_names = [str(n) for n in class_names]
+        if not class_names:
+            raise ValueError(f"The vocabulary {key!r} is empty.")
+        if embeddings is None:
+            embeddings = self.text_cache.get(self.clip, class_names, PROMPT_TEMPLATES, self.text_batch_size)
+        self.vocabularies[key] = (class_names, embeddings.float())
+
+    def _embeddings(self, vocabulary: Optional[str]) -> torch.Tensor:
+        if vocabulary is None:
+            if self.num_classes == 0:
+                raise RuntimeError(
+                    "No vocabulary: name a dataset in DATASETS.TEST, set MODEL.REGIONSPOT.VOCABULARY="
+                    "'custom' with CUSTOM_VOCABULARY, or call set_vocabulary(class_names)."
+                )
+            return self.text_embeddings
+        if vocabulary not in self.vocabularies:
+            raise KeyError(
+                f"A batch names vocabulary {vocabulary!r}, which the model does not have; known: "
+                f"{sorted(self.vocabularies)}. Register it with add_vocabulary()."
+            )
+        names, emb = self.vocabularies[vocabulary]
+        if emb.device != self.pixel_mean.device:  # moved once, after the model moved
+            emb = emb.to(self.pixel_mean.device)
+            self.vocabularies[vocabulary] = (names, emb)
+        return emb
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -274,14 +308,12 @@ class RegionSpotROIHeads(nn.Module):
         """[B, N, token_dim] tokens + [B, L, D_v] features -> [B, N, D_t] region embeddings."""
         return self.fusion(tokens, clip_features, padding_mask)
 
-    def logits(self, region_embeddings: torch.Tensor) -> torch.Tensor:
-        """[..., D_t] -> [..., C] scaled cosine logits against the current vocabulary."""
-        if self.num_classes == 0:
-            raise RuntimeError(
-                "No vocabulary: name a dataset in DATASETS.TEST, set MODEL.REGIONSPOT.VOCABULARY='custom' "
-                "with CUSTOM_VOCABULARY, or call set_vocabulary(class_names)."
-            )
-        return region_text_logits(region_embeddings, self.text_embeddings, self.logit_scale)
+    def logits(self, region_embeddings: torch.Tensor, vocabulary: Optional[str] = None) -> torch.Tensor:
+        """
+        [..., D_t] -> [..., C] scaled cosine logits against the current vocabulary, or against the
+        named one registered with :meth:`add_vocabulary`.
+        """
+        return region_text_logits(region_embeddings, self._embeddings(vocabulary), self.logit_scale)
 
     # ----------------------------------------------------------------------------------------
     def forward(
@@ -301,8 +333,9 @@ class RegionSpotROIHeads(nn.Module):
 
         Returns:
             At inference, per image Instances with ``pred_boxes``, ``scores``, ``pred_classes``
-            and (``mask_on``) ``pred_masks`` [K, H, W] bool at the image's size; in training, an
-            empty list and ``{"loss_region_cls": ...}``.
+            and (``mask_on``) ``pred_masks`` as :class:`SamMasks`, which detectron2's
+            ``detector_postprocess`` turns into [K, H, W] bool masks; in training, an empty list and
+            ``{"loss_region_cls": ...}``.
         """
         del features
         if self.training:
@@ -339,7 +372,8 @@ class RegionSpotROIHeads(nn.Module):
 
         Returns:
             Instances of size (H, W) with ``pred_boxes``, ``scores``, ``pred_classes``,
-            ``pred_masks`` (if ``mask_on``) and ``mask_scores``.
+            ``mask_scores`` and, if ``mask_on``, ``pred_masks`` as :class:`SamMasks` (call
+            ``to_bitmasks(None, H, W)``; detectron2's ``detector_postprocess`` does).
         """
         image_size = tuple(image.shape[:2])
         state, clip_features = self.encode_image(image)
@@ -362,28 +396,26 @@ class RegionSpotROIHeads(nn.Module):
                 probs, box_scores, self.scoring, self.topk, self.detections_per_image, self.score_thresh
             )
         out = Instances(image_size)
-        if boxes is None:  # point prompts only: the box of the predicted mask is filled below
+        boxes_from_masks = boxes is None and self.mask_on
+        if boxes is None:  # point prompts only: boxes of the predicted masks when masks are on
             boxes = torch.zeros(len(probs), 4, device=probs.device)
         out.pred_boxes = Boxes(boxes.to(probs.device)[region_idx])
         out.scores = scores
         out.pred_classes = classes
         out.mask_scores = sam_out.mask_scores[region_idx]
         if self.mask_on:
-            # Up-sample each region's mask once, however many classes it was kept with.
-            unique, inverse = torch.unique(region_idx, return_inverse=True)
-            masks = self.sam.postprocess_masks(sam_out.low_res_masks[unique], state, image_size)
-            out.pred_masks = masks[inverse]
-            if regions.has("point_coords") and not regions.has("proposal_boxes"):
-                from detectron2.structures import BitMasks
-
-                out.pred_boxes = BitMasks(out.pred_masks).get_bounding_boxes()
+            # Kept lazily as SAM logits: each region's mask is up-sampled once, at the output size.
+            out.pred_masks = SamMasks(sam_out.low_res_masks, region_idx, self.sam.sam, state.input_size)
+            if boxes_from_masks:
+                out.pred_boxes = out.pred_masks.to_bitmasks(None, *image_size).get_bounding_boxes()
         return out
 
     # ----------------------------------------------------------------------------------------
-    def losses(self, images: ImageList, targets: List[Instances]) -> Dict[str, torch.Tensor]:
+    def losses(self, images: ImageList, targets: List[Instances], vocabulary: Optional[str] = None) -> Dict[str, torch.Tensor]:
         """
-        Sigmoid focal loss over the vocabulary for every GT region: summed over classes, averaged
-        over an image's regions, summed over images. Images without boxes add zero.
+        Sigmoid focal loss over the vocabulary (the current one, or the named one of the batch's
+        dataset) for every GT region: summed over classes, averaged over an image's regions,
+        summed over images. Images without boxes add zero.
         """
         tokens, feats, labels = [], [], []
         for i, t in enumerate(targets):
@@ -394,14 +426,21 @@ class RegionSpotROIHeads(nn.Module):
             tokens.append(out.tokens)
             feats.append(clip_features[0])
             labels.append(t.gt_classes.to(clip_features.device))
-        return {"loss_region_cls": self.loss_from_tokens(tokens, torch.stack(feats), labels)}
+        return {"loss_region_cls": self.loss_from_tokens(tokens, torch.stack(feats), labels, vocabulary)}
 
-    def loss_from_tokens(self, tokens: List[torch.Tensor], clip_features: torch.Tensor, labels: List[torch.Tensor]) -> torch.Tensor:
+    def loss_from_tokens(
+        self,
+        tokens: List[torch.Tensor],
+        clip_features: torch.Tensor,
+        labels: List[torch.Tensor],
+        vocabulary: Optional[str] = None,
+    ) -> torch.Tensor:
         """
         Args:
-            tokens: per image [N_i, token_dim] SAM tokens.
+            tokens: per image [N_i, token_dim] SAM tokens (computed online or read from a cache).
             clip_features: [B, L, D_v].
-            labels: per image [N_i] class indices into the current vocabulary.
+            labels: per image [N_i] class indices into the vocabulary.
+            vocabulary: name of a vocabulary of :meth:`add_vocabulary`; None for the current one.
 
         Returns:
             scalar focal loss.
@@ -412,23 +451,25 @@ class RegionSpotROIHeads(nn.Module):
         dim = self.sam.token_dim
         device = clip_features.device
         padded = torch.zeros(batch, max(n_max, 1), dim, device=device)
+        tokens = [t.to(device=device, dtype=padded.dtype) for t in tokens]
         padding = torch.ones(batch, max(n_max, 1), dtype=torch.bool, device=device)
         for i, t in enumerate(tokens):
             padded[i, : len(t)] = t
             padding[i, : len(t)] = False
         # An image without regions still runs one (ignored) query so attention stays defined.
         padding[:, 0] &= torch.tensor([c > 0 for c in counts], device=device)
-        logits = self.logits(self.region_embeddings(padded, clip_features, padding))
+        logits = self.logits(self.region_embeddings(padded, clip_features.float(), padding), vocabulary)
+        num_classes = logits.shape[-1]
         total = logits.sum() * 0.0
         for i, y in enumerate(labels):
             if counts[i] == 0:
                 continue
-            if (y < 0).any() or (y >= self.num_classes).any():
+            if (y < 0).any() or (y >= num_classes).any():
                 raise ValueError(
-                    f"gt_classes outside the vocabulary of {self.num_classes} classes; the batch's "
+                    f"gt_classes outside the vocabulary of {num_classes} classes; the batch's "
                     "dataset and the model's vocabulary disagree."
                 )
-            onehot = torch.nn.functional.one_hot(y.long(), self.num_classes).to(logits.dtype)
+            onehot = torch.nn.functional.one_hot(y.long(), num_classes).to(logits.dtype)
             loss = sigmoid_focal_loss(logits[i, : counts[i]], onehot, self.focal_alpha, self.focal_gamma, "none")
             total = total + loss.sum(dim=1).mean()
         return total
