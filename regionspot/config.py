@@ -85,6 +85,15 @@ def add_regionspot_config(cfg):
     rs.FOCAL_ALPHA = 0.25
     rs.FOCAL_GAMMA = 2.0
 
+    rs.FEATURE_CACHE = CN()
+    # Directory of a feature cache written by tools/extract_features.py. When set, training reads
+    # SAM region tokens and CLIP feature maps from it and never runs SAM or CLIP.
+    rs.FEATURE_CACHE.DIR = ""
+
+    # Sampling weight of each DATASETS.TRAIN entry in multi-dataset training (each batch comes from
+    # one dataset and is classified against that dataset's vocabulary). Empty: equal weights.
+    _C.DATALOADER.DATASET_RATIOS = []
+
     # Optimizer of the fusion module: "ADAMW" (the authors' recipe) or "SGD" (detectron2's default).
     _C.SOLVER.OPTIMIZER = "ADAMW"
     return cfg

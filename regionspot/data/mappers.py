@@ -43,4 +43,15 @@ def build_regionspot_train_mapper(cfg) -> DatasetMapper:
 
 
 def build_regionspot_train_loader(cfg):
-    return build_detection_train_loader(cfg, mapper=build_regionspot_train_mapper(cfg))
+    """
+    The training loader ``train_net.py`` uses: from the feature cache when
+    ``MODEL.REGIONSPOT.FEATURE_CACHE.DIR`` is set, else over the images; several DATASETS.TRAIN
+    are mixed batch by batch (see :mod:`regionspot.data.multi_dataset`).
+    """
+    if cfg.MODEL.REGIONSPOT.FEATURE_CACHE.DIR:
+        from .feature_cache import build_cached_train_loader
+
+        return build_cached_train_loader(cfg)
+    from .multi_dataset import build_multi_dataset_train_loader
+
+    return build_multi_dataset_train_loader(cfg, mapper_factory=lambda cfg, dataset_name: build_regionspot_train_mapper(cfg))
