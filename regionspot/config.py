@@ -23,6 +23,10 @@ def add_regionspot_config(cfg):
     # Path to SAM's official state dict (e.g. sam_vit_b_01ec64.pth). Empty: seeded random weights
     # (only allowed with RANDOM_INIT_FROZEN = True).
     rs.SAM.WEIGHTS = ""
+    # Faster forwards over SAM's own weights (fused encoder attention; image side of the first
+    # decoder block computed once per image; masks only when asked). Same outputs to ~1e-5.
+    # False runs the stock segment_anything forwards (the reference path of tools/benchmark.py).
+    rs.SAM.FAST_PATH = True
 
     rs.CLIP = CN()
     # CLIP model: "ViT-B/16", "ViT-L/14", "ViT-L/14@336px" or "tiny".
@@ -78,8 +82,9 @@ def add_regionspot_config(cfg):
 
     # Return SAM masks (pred_masks). Disable for box-only evaluation to skip mask up-sampling.
     rs.MASK_ON = True
-    # Region prompts decoded by SAM's mask decoder at once (bounds memory for many boxes).
-    rs.PROMPT_CHUNK_SIZE = 256
+    # Region prompts decoded by SAM's mask decoder at once (bounds memory for many boxes: each
+    # prompt carries its own copy of the 64x64x256 image tokens through the decoder).
+    rs.PROMPT_CHUNK_SIZE = 32
 
     # Focal loss of training (reference: alpha 0.25, gamma 2).
     rs.FOCAL_ALPHA = 0.25
@@ -89,6 +94,36 @@ def add_regionspot_config(cfg):
     # Directory of a feature cache written by tools/extract_features.py. When set, training reads
     # SAM region tokens and CLIP feature maps from it and never runs SAM or CLIP.
     rs.FEATURE_CACHE.DIR = ""
+
+    # RegionSpot checkpoint (fusion module; ours or the released layout) loaded by
+    # regionspot.modeling.relabel.load_head_weights when MODEL.WEIGHTS holds another file, e.g. the
+    # detector's in a GeneralizedRCNN recipe (projects/RegionSpot). Empty: none.
+    rs.HEAD_WEIGHTS = ""
+
+    rs.DETECTOR = CN()
+    # Config of the stock detector whose boxes the RegionSpotRelabel meta-architecture re-labels: a
+    # YAML path, or "model_zoo:<name>" for a config shipped with detectron2.
+    rs.DETECTOR.CONFIG = ""
+    # Weights of that detector (path or detectron2:// URL), loaded when the model is built. Empty:
+    # random weights (tests only; a warning is logged).
+    rs.DETECTOR.WEIGHTS = ""
+    # Overrides of the detector's config, KEY VALUE pairs as on a command line.
+    rs.DETECTOR.OPTS = []
+
+    rs.AMG = CN()
+    # SAM's automatic mask generator as proposal generator (PROPOSAL_GENERATOR.NAME
+    # "SamAutomaticProposals"): grid of points_per_side^2 point prompts.
+    rs.AMG.POINTS_PER_SIDE = 32
+    # Point prompts decoded at once.
+    rs.AMG.POINTS_PER_BATCH = 64
+    # Keep masks whose predicted IoU exceeds this (SAM's default 0.88).
+    rs.AMG.PRED_IOU_THRESH = 0.88
+    # Keep masks whose stability score exceeds this (SAM's default 0.95).
+    rs.AMG.STABILITY_SCORE_THRESH = 0.95
+    # Box NMS IoU among the generated masks (SAM's default 0.7).
+    rs.AMG.BOX_NMS_THRESH = 0.7
+    # At most this many proposals per image, highest predicted IoU first.
+    rs.AMG.MAX_PROPOSALS = 300
 
     # Sampling weight of each DATASETS.TRAIN entry in multi-dataset training (each batch comes from
     # one dataset and is classified against that dataset's vocabulary). Empty: equal weights.

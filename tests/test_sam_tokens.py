@@ -7,14 +7,27 @@ from segment_anything import SamPredictor
 from regionspot.modeling.sam_tokens import SamRegionTokens, build_sam
 
 
+def _sam(seed=3):
+    """Tiny SAM whose relative-position tables (zeros at init) are random too."""
+    sam = build_sam("tiny", random_init=True, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sam.named_parameters():
+            if "rel_pos" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return sam
+
+
 @pytest.fixture(scope="module")
 def sam():
-    return build_sam("tiny", random_init=True, seed=3)
+    """Stock forwards (the reference)."""
+    return _sam()
 
 
 @pytest.fixture(scope="module")
-def tokens_model(sam):
-    return SamRegionTokens(sam)
+def tokens_model():
+    """Same weights, fast path (fused encoder attention, shared-image decoding)."""
+    return SamRegionTokens(_sam(), fast=True)
 
 
 BOXES = np.array([[10.0, 20.0, 120.0, 150.0], [50.5, 5.25, 200.0, 90.0], [0.0, 0.0, 239.0, 199.0]])
@@ -52,7 +65,7 @@ def test_tokens_equal_sam_internal_and_masks_equal_stock_predictor(tokens_model,
 
     stock = SamPredictor(sam)
     stock.set_image(photo)
-    torch.testing.assert_close(stock.features, state.embedding, rtol=0, atol=0)
+    torch.testing.assert_close(stock.features, state.embedding, rtol=0, atol=1e-5)
     boxes_1024 = torch.as_tensor(stock.transform.apply_boxes(BOXES, photo.shape[:2]), dtype=torch.float32)
     with torch.no_grad():
         expected = _internal_tokens(sam, stock.features, boxes_1024)
@@ -108,3 +121,36 @@ def test_weights_round_trip(tmp_path, photo):
     b = build_sam("tiny", weights=str(path))
     sa, sb = SamRegionTokens(a), SamRegionTokens(b)
     torch.testing.assert_close(sa.encode_image(photo).embedding, sb.encode_image(photo).embedding, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n,chunk", [(0, 4), (1, 4), (4, 4), (5, 4), (9, 4)])
+def test_fast_path_equals_stock_path(sam, tokens_model, photo, n, chunk):
+    """N = 0, 1, a full chunk and a chunk boundary; tokens, masks and IoU equal the stock forwards."""
+    reference = SamRegionTokens(_sam(), fast=False)
+    rng = np.random.RandomState(n)
+    xy = rng.rand(n, 2) * 150
+    boxes = np.concatenate([xy, xy + 20 + rng.rand(n, 2) * 80], axis=1)
+    fast_state, ref_state = tokens_model.encode_image(photo), reference.encode_image(photo)
+    torch.testing.assert_close(fast_state.embedding, ref_state.embedding, rtol=0, atol=1e-5)
+    fast = tokens_model.decode_prompts(fast_state, boxes, chunk_size=chunk)
+    ref = reference.decode_prompts(ref_state, boxes, chunk_size=chunk)
+    torch.testing.assert_close(fast.tokens, ref.tokens, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast.mask_scores, ref.mask_scores, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast.low_res_masks, ref.low_res_masks, rtol=0, atol=1e-4)
+    fast_masks = tokens_model.postprocess_masks(fast.low_res_masks, fast_state)
+    ref_masks = reference.postprocess_masks(ref.low_res_masks, ref_state)
+    assert fast_masks.shape == ref_masks.shape
+    # Logits agree to 1e-4; a pixel may flip only where a logit sits on the threshold.
+    assert n == 0 or (fast_masks != ref_masks).float().mean() <= 1e-4
+    no_masks = tokens_model.decode_prompts(fast_state, boxes, with_masks=False, chunk_size=chunk)
+    assert no_masks.low_res_masks is None
+    torch.testing.assert_close(no_masks.tokens, fast.tokens, rtol=0, atol=0)
+
+
+def test_fast_point_prompts_equal_stock(tokens_model, photo):
+    reference = SamRegionTokens(_sam(), fast=False)
+    points = np.array([[[60.0, 80.0], [100.0, 30.0]], [[10.0, 10.0], [200.0, 150.0]]])
+    labels = np.array([[1, 0], [1, 1]])
+    fast = tokens_model.decode_prompts(tokens_model.encode_image(photo), points=points, point_labels=labels)
+    ref = reference.decode_prompts(reference.encode_image(photo), points=points, point_labels=labels)
+    torch.testing.assert_close(fast.tokens, ref.tokens, rtol=0, atol=1e-5)

@@ -129,7 +129,7 @@ class RegionSpotROIHeads(nn.Module):
         score_thresh: float = 0.0,
         use_box_scores: bool = True,
         mask_on: bool = True,
-        prompt_chunk_size: int = 256,
+        prompt_chunk_size: int = 32,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         text_cache: Optional[TextEmbeddingCache] = None,
@@ -188,7 +188,8 @@ class RegionSpotROIHeads(nn.Module):
     def from_config(cls, cfg, input_shape=None):
         rs = cfg.MODEL.REGIONSPOT
         sam = SamRegionTokens(
-            build_sam(rs.SAM.TYPE, rs.SAM.WEIGHTS, rs.RANDOM_INIT_FROZEN, rs.RANDOM_INIT_SEED)
+            build_sam(rs.SAM.TYPE, rs.SAM.WEIGHTS, rs.RANDOM_INIT_FROZEN, rs.RANDOM_INIT_SEED),
+            fast=rs.SAM.FAST_PATH,
         )
         clip = ClipDenseFeatures(
             build_clip(rs.CLIP.TYPE, rs.CLIP.WEIGHTS, rs.RANDOM_INIT_FROZEN, rs.RANDOM_INIT_SEED + 1),

@@ -24,6 +24,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from .frozen import FrozenModule, seeded
+from .sam_fast import decode_prompts_fast, use_fused_encoder_attention
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +141,19 @@ class SamRegionTokens(FrozenModule):
     prompts are mapped with ``ResizeLongestSide.apply_boxes`` on float64 numpy.
     """
 
-    def __init__(self, sam: Sam):
+    def __init__(self, sam: Sam, fast: bool = True):
+        """
+        Args:
+            sam: a stock ``segment_anything.Sam``.
+            fast: use the fused encoder attention and the shared-image prompt decoding of
+                :mod:`regionspot.modeling.sam_fast` (same outputs to ~1e-5); False runs the stock
+                forwards (the reference path).
+        """
         super().__init__()
         self.sam = sam
+        self.fast = fast
+        if fast:
+            use_fused_encoder_attention(sam)
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         self._captured = None
         sam.mask_decoder.transformer.register_forward_hook(self._capture_tokens)
@@ -202,7 +213,7 @@ class SamRegionTokens(FrozenModule):
         points=None,
         point_labels=None,
         with_masks: bool = True,
-        chunk_size: int = 256,
+        chunk_size: int = 32,
     ) -> SamPromptOutput:
         """
         Run SAM's prompt encoder and mask decoder (single-mask mode) for N region prompts.
@@ -239,6 +250,13 @@ class SamRegionTokens(FrozenModule):
             pts = None if sam_points is None else (sam_points[0][sl], sam_points[1][sl])
             bxs = None if sam_boxes is None else sam_boxes[sl]
             sparse, dense = self.sam.prompt_encoder(points=pts, boxes=bxs, masks=None)
+            if self.fast:
+                token, low_res, iou = decode_prompts_fast(self.sam, state.embedding, sparse, dense, with_masks)
+                tokens.append(token)
+                if with_masks:
+                    masks.append(low_res)
+                scores.append(iou)
+                continue
             low_res, iou = self.sam.mask_decoder(
                 image_embeddings=state.embedding,
                 image_pe=image_pe,
