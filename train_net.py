@@ -20,6 +20,7 @@ from detectron2.evaluation import COCOEvaluator, LVISEvaluator, verify_results
 import regionspot  # noqa: F401  (registers the meta-architecture, head and datasets)
 from regionspot import RegionSpotCheckpointer, add_regionspot_config
 from regionspot.data import build_regionspot_test_loader, build_regionspot_train_loader
+from regionspot.data.multi_dataset import dataset_class_names, local_main_process_first, register_training_vocabularies
 from regionspot.solver import build_regionspot_optimizer
 
 
@@ -38,6 +39,20 @@ class Trainer(DefaultTrainer):
             f"No evaluator for dataset {dataset_name!r} (evaluator_type={evaluator_type!r}); "
             "RegionSpot evaluates 'lvis' and 'coco' datasets."
         )
+
+    @classmethod
+    def build_model(cls, cfg):
+        """
+        The model, with each of DATASETS.TRAIN's class names registered as the named vocabulary its
+        batches use. Text is encoded once per machine (local main process first, into the cache).
+        """
+        with local_main_process_first():
+            for name in cfg.DATASETS.TRAIN:  # the head may read thing_classes of DATASETS.TRAIN[0]
+                dataset_class_names(name)
+            model = super().build_model(cfg)
+        if cfg.DATASETS.TRAIN:
+            register_training_vocabularies(model, cfg.DATASETS.TRAIN)
+        return model
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -89,7 +104,12 @@ def setup(args):
 def main(args):
     cfg = setup(args)
     if args.eval_only:
-        model = Trainer.build_model(cfg)
+        # Evaluation needs no training vocabularies (nor the training datasets' files).
+        eval_cfg = cfg.clone()
+        eval_cfg.defrost()
+        eval_cfg.DATASETS.TRAIN = ()
+        eval_cfg.freeze()
+        model = Trainer.build_model(eval_cfg)
         RegionSpotCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():

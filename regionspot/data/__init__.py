@@ -8,11 +8,14 @@ from .mappers import (
 )
 from .proposals import detections_to_proposals, load_coco_detections, save_proposals
 from .shapes import SHAPES_CLASSES, generate_shapes_split, register_shapes_datasets
+from .training_datasets import register_training_datasets
 
 # registers regionspot_shapes_train / regionspot_shapes_val (generated lazily on first use)
 register_shapes_datasets()
 # registers lvis_v1_minival (MDETR's LVIS v1 minival json, COCO images)
 register_lvis_minival()
+# registers objects365_v1_{train,val}, v3det_{train,val}, openimages_v6_{train,val} (COCO json, read lazily)
+register_training_datasets()
 # lets lvis==0.5.3 evaluate with numpy >= 1.24 (restores np.float)
 patch_lvis_numpy()
 
@@ -30,4 +33,5 @@ __all__ = [
     "patch_lvis_numpy",
     "register_lvis_minival",
     "register_shapes_datasets",
+    "register_training_datasets",
 ]
