@@ -37,6 +37,11 @@ def add_regionspot_config(cfg):
     # reveal it; when it differs from CLIP's native size the positional embedding is interpolated.
     rs.CLIP.INPUT_SIZE = 224
 
+    # Precision of the frozen SAM and CLIP forwards: "fp32", or autocast to "fp16" / "bf16" on the
+    # model's device (GPU: the authors ran CLIP in fp16; outputs then agree only to that precision).
+    # The text embeddings are encoded in fp32 regardless, so the cache does not depend on it.
+    rs.FROZEN_PRECISION = "fp32"
+
     # Build SAM and CLIP with seeded random weights when their WEIGHTS are empty. For tests,
     # benchmarks and the built-in quickstart only: such a model recognises nothing real.
     rs.RANDOM_INIT_FROZEN = False

@@ -73,3 +73,30 @@ def test_predict_before_set_image(cfg):
     p = regionspot.RegionSpotPredictor(cfg)
     with pytest.raises(RuntimeError, match="set_image"):
         p.predict(BOXES)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_frozen_models(photo, precision):
+    """Autocast for SAM and CLIP (FROZEN_PRECISION): same outputs up to that precision."""
+    import regionspot
+    from conftest import tiny_cfg
+
+    torch.manual_seed(0)
+    ref = regionspot.RegionSpotPredictor(tiny_cfg())
+    torch.manual_seed(0)
+    low = regionspot.RegionSpotPredictor(tiny_cfg("MODEL.REGIONSPOT.FROZEN_PRECISION", precision))
+    assert low.head.sam.precision == precision and low.head.clip.precision == precision
+    ref.set_image(photo)
+    low.set_image(photo)
+    a, b = ref.predict(BOXES), low.predict(BOXES)
+    assert b["logits"].dtype == torch.float32 and b["masks"].dtype == torch.bool
+    torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=5e-2)
+    assert (a["masks"] != b["masks"]).float().mean() < 0.05
+
+
+def test_bad_precision(cfg):
+    import regionspot
+
+    cfg.MODEL.REGIONSPOT.FROZEN_PRECISION = "int8"
+    with pytest.raises(ValueError, match="FROZEN_PRECISION"):
+        regionspot.RegionSpotPredictor(cfg)

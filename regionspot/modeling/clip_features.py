@@ -182,15 +182,17 @@ class ClipDenseFeatures(FrozenModule):
         visual = self.model.visual
         dtype = visual.conv1.weight.dtype
         x = self.preprocess(images.to(self.device)).to(dtype)
-        x = visual.conv1(x)
-        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-        cls = visual.class_embedding.to(dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding().to(dtype)
-        x = visual.ln_pre(x)
-        x = visual.transformer(x.permute(1, 0, 2))  # clip's blocks take [L, B, D]
-        return x.permute(1, 0, 2)
+        with self.autocast():
+            x = visual.conv1(x)
+            x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+            cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1) + self.positional_embedding().to(x.dtype)
+            x = visual.ln_pre(x)
+            x = visual.transformer(x.permute(1, 0, 2))  # clip's blocks take [L, B, D]
+        return x.permute(1, 0, 2).float()
 
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """[K, 77] token ids -> [K, D_t] un-normalised sentence embeddings (fp32)."""
+        # Always fp32: the embedding cache does not depend on FROZEN_PRECISION.
         return self.model.encode_text(tokens.to(self.device)).float()

@@ -13,11 +13,32 @@ def seeded(seed: int):
         yield
 
 
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 class FrozenModule(nn.Module):
     """
     A module whose parameters never train: ``requires_grad`` is off and it stays in eval mode
-    even when a trainer calls ``model.train()`` on the model that holds it.
+    even when a trainer calls ``model.train()`` on the model that holds it. Its forwards run under
+    autocast when :attr:`precision` is "fp16" or "bf16" (weights stay fp32; outputs are fp32).
     """
+
+    precision = "fp32"
+
+    def set_precision(self, precision: str):
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"MODEL.REGIONSPOT.FROZEN_PRECISION={precision!r}: use one of {', '.join(PRECISIONS)}."
+            )
+        self.precision = precision
+        return self
+
+    def autocast(self):
+        """Autocast context for the frozen forwards, on the module's device type."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        device_type = next(self.parameters()).device.type
+        return torch.autocast(device_type=device_type, dtype=PRECISIONS[self.precision])
 
     def freeze(self):
         for p in self.parameters():

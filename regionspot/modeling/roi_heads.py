@@ -190,11 +190,11 @@ class RegionSpotROIHeads(nn.Module):
         sam = SamRegionTokens(
             build_sam(rs.SAM.TYPE, rs.SAM.WEIGHTS, rs.RANDOM_INIT_FROZEN, rs.RANDOM_INIT_SEED),
             fast=rs.SAM.FAST_PATH,
-        )
+        ).set_precision(rs.FROZEN_PRECISION)
         clip = ClipDenseFeatures(
             build_clip(rs.CLIP.TYPE, rs.CLIP.WEIGHTS, rs.RANDOM_INIT_FROZEN, rs.RANDOM_INIT_SEED + 1),
             rs.CLIP.INPUT_SIZE,
-        )
+        ).set_precision(rs.FROZEN_PRECISION)
         fusion = RegionSpotFusion(
             token_dim=sam.token_dim,
             clip_dim=clip.width,

@@ -187,8 +187,9 @@ class SamRegionTokens(FrozenModule):
         x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
         input_size = tuple(x.shape[-2:])
         x = self.sam.preprocess(x.float())
-        embedding = self.sam.image_encoder(x)
-        return SamImageState(embedding=embedding, input_size=input_size, original_size=original_size)
+        with self.autocast():
+            embedding = self.sam.image_encoder(x)
+        return SamImageState(embedding=embedding.float(), input_size=input_size, original_size=original_size)
 
     def _prompts_to_sam_frame(self, state: SamImageState, boxes, points, point_labels):
         sam_boxes = sam_points = None
@@ -243,6 +244,16 @@ class SamRegionTokens(FrozenModule):
             empty_masks = state.embedding.new_zeros((0, 1, g, g)) if with_masks else None
             return SamPromptOutput(state.embedding.new_zeros((0, dim)), empty_masks, state.embedding.new_zeros((0,)))
 
+        with self.autocast():
+            out = self._decode_chunks(state, n, sam_boxes, sam_points, with_masks, chunk_size)
+        tokens, masks, scores = out
+        return SamPromptOutput(
+            tokens=torch.cat(tokens).float(),
+            low_res_masks=torch.cat(masks).float() if with_masks else None,
+            mask_scores=torch.cat(scores).float(),
+        )
+
+    def _decode_chunks(self, state, n, sam_boxes, sam_points, with_masks, chunk_size):
         image_pe = self.sam.prompt_encoder.get_dense_pe()
         tokens, masks, scores = [], [], []
         for start in range(0, n, max(chunk_size, 1)):
@@ -269,11 +280,7 @@ class SamRegionTokens(FrozenModule):
             if with_masks:
                 masks.append(low_res)
             scores.append(iou[:, 0])
-        return SamPromptOutput(
-            tokens=torch.cat(tokens),
-            low_res_masks=torch.cat(masks) if with_masks else None,
-            mask_scores=torch.cat(scores),
-        )
+        return tokens, masks, scores
 
     @torch.no_grad()
     def postprocess_masks(self, low_res_masks: torch.Tensor, state: SamImageState, output_size=None) -> torch.Tensor:
