@@ -13,13 +13,14 @@ from collections import OrderedDict
 
 import detectron2.utils.comm as comm
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator, verify_results
 
 import regionspot  # noqa: F401  (registers the meta-architecture, head and datasets)
 from regionspot import RegionSpotCheckpointer, add_regionspot_config
 from regionspot.data import build_regionspot_test_loader, build_regionspot_train_loader
+from regionspot.modeling import load_head_weights
 from regionspot.data.multi_dataset import dataset_class_names, local_main_process_first, register_training_vocabularies
 from regionspot.solver import build_regionspot_optimizer
 
@@ -56,6 +57,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
+        if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":
+            # A detector reads images resized as in its training (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST).
+            return build_detection_test_loader(cfg, dataset_name)
         return build_regionspot_test_loader(cfg, dataset_name)
 
     @classmethod
@@ -111,6 +115,8 @@ def main(args):
         eval_cfg.freeze()
         model = Trainer.build_model(eval_cfg)
         RegionSpotCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        if cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS:  # MODEL.WEIGHTS was the detector's (GeneralizedRCNN recipes)
+            load_head_weights(model, cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

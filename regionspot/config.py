@@ -58,9 +58,10 @@ def add_regionspot_config(cfg):
     # Dropout inside the decoder layers (inactive at inference).
     rs.DECODER.DROPOUT = 0.1
 
-    # Where the region prompts come from in the RegionSpot meta-architecture:
-    # "GT" (the annotations' boxes, the authors' GT-box protocol) or "PROPOSALS" (detectron2's
-    # precomputed proposals: set MODEL.LOAD_PROPOSALS and DATASETS.PROPOSAL_FILES_TEST).
+    # Where the region prompts come from in the RegionSpot meta-architecture: "GT" (the
+    # annotations' boxes, the authors' GT-box protocol), "PROPOSALS" (detectron2's precomputed
+    # proposals: set MODEL.LOAD_PROPOSALS and DATASETS.PROPOSAL_FILES_TEST) or "GENERATOR" (the
+    # proposal generator MODEL.PROPOSAL_GENERATOR.NAME, e.g. SamAutomaticProposals).
     rs.BOX_SOURCE = "GT"
     # Multiply class probabilities by the box's own score (sigmoid of the proposal's
     # objectness_logits), as the authors do with GLIP boxes. Ignored for GT boxes.

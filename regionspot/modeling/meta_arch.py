@@ -7,6 +7,7 @@ from torch import nn
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.proposal_generator import build_proposal_generator
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import ImageList, Instances, ROIMasks
 
@@ -16,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RegionSpot"]
 
-BOX_SOURCES = ("GT", "PROPOSALS")
+BOX_SOURCES = ("GT", "PROPOSALS", "GENERATOR")
 
 
 @META_ARCH_REGISTRY.register()
@@ -38,6 +39,7 @@ class RegionSpot(nn.Module):
         pixel_mean,
         pixel_std,
         box_source: str = "GT",
+        proposal_generator: Optional[nn.Module] = None,
     ):
         """
         Args:
@@ -50,6 +52,11 @@ class RegionSpot(nn.Module):
             raise ValueError(f"MODEL.REGIONSPOT.BOX_SOURCE={box_source!r}: use one of {BOX_SOURCES}.")
         self.roi_heads = roi_heads
         self.box_source = box_source
+        if box_source == "GENERATOR" and proposal_generator is None:
+            raise ValueError("BOX_SOURCE='GENERATOR' needs MODEL.PROPOSAL_GENERATOR.NAME (e.g. SamAutomaticProposals).")
+        self.proposal_generator = proposal_generator
+        if hasattr(proposal_generator, "use_sam") and hasattr(roi_heads, "sam"):
+            proposal_generator.use_sam(roi_heads.sam.sam)  # one SAM for proposals and prompts
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         # The stock DetectionCheckpointer then reads the authors' released checkpoints too.
@@ -67,6 +74,9 @@ class RegionSpot(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "box_source": cfg.MODEL.REGIONSPOT.BOX_SOURCE,
+            "proposal_generator": (
+                build_proposal_generator(cfg, None) if cfg.MODEL.REGIONSPOT.BOX_SOURCE == "GENERATOR" else None
+            ),
         }
 
     @property
@@ -77,7 +87,9 @@ class RegionSpot(nn.Module):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images)
 
-    def _regions(self, batched_inputs: List[Dict]) -> List[Instances]:
+    def _regions(self, batched_inputs: List[Dict], images: Optional[ImageList] = None) -> List[Instances]:
+        if self.box_source == "GENERATOR":
+            return self.proposal_generator(images, {}, None)[0]
         regions = []
         for x in batched_inputs:
             if self.box_source == "PROPOSALS":
@@ -145,7 +157,7 @@ class RegionSpot(nn.Module):
         if detected_instances is not None:
             results = self.roi_heads.forward_with_given_boxes(images, [d.to(self.device) for d in detected_instances])
         else:
-            results, _ = self.roi_heads(images, {}, self._regions(batched_inputs), None)
+            results, _ = self.roi_heads(images, {}, self._regions(batched_inputs, images), None)
         if not do_postprocess:
             return results
         return [

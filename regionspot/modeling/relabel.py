@@ -1,0 +1,379 @@
+"""
+Re-label a trained detector's boxes with RegionSpot.
+
+``RegionSpotRelabel`` (``MODEL.META_ARCHITECTURE``) holds a frozen stock detector, built from its own
+config (``MODEL.REGIONSPOT.DETECTOR.CONFIG``) with its own weights (``DETECTOR.WEIGHTS``), and a
+``RegionSpotROIHeads``. The detector's final boxes (and scores) become the prompts; RegionSpot
+gives the open-vocabulary classes and SAM masks.
+
+:func:`load_head_weights` loads a RegionSpot checkpoint into the head of any model (e.g. a
+``GeneralizedRCNN`` whose ``MODEL.WEIGHTS`` are the detector's).
+"""
+import logging
+import os
+import pickle
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import configurable, get_cfg
+from detectron2.data import transforms as T
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.modeling.roi_heads import build_roi_heads
+from detectron2.structures import Boxes, ImageList, Instances, ROIMasks
+from detectron2.utils.file_io import PathManager
+
+from ..checkpoint import FUSION_PREFIXES, accept_released_checkpoints, convert_regionspot_state_dict
+from .fusion import RegionSpotFusion
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RegionSpotRelabel", "build_detector", "load_detector_config", "load_head_weights"]
+
+MODEL_ZOO_PREFIX = "model_zoo:"
+# Detector scores are clamped into (EPS, 1 - EPS) before their logit becomes the box score.
+_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# RegionSpot weights into any model
+def load_head_weights(model: nn.Module, path: str) -> List[str]:
+    """
+    Load a RegionSpot checkpoint's fusion module into the ``RegionSpotFusion`` of ``model``.
+
+    For models whose ``MODEL.WEIGHTS`` is another file (a ``GeneralizedRCNN`` loads the detector's
+    backbone and RPN from it): call this after the checkpointer, with
+    ``MODEL.REGIONSPOT.HEAD_WEIGHTS``. Reads our layout (``roi_heads.fusion.*``), the released one
+    (``model.to_clip.*`` ..., frozen SAM/CLIP tensors ignored) and a bare fusion state dict; shapes are
+    checked, so another variant's checkpoint fails with a message naming both. Other keys of the file
+    are ignored.
+
+    Returns:
+        the names (inside the fusion module) of the loaded tensors.
+    """
+    fusions = [(n, m) for n, m in model.named_modules() if isinstance(m, RegionSpotFusion)]
+    if len(fusions) != 1:
+        raise ValueError(f"load_head_weights: the model has {len(fusions)} RegionSpotFusion modules; expected one.")
+    _, fusion = fusions[0]
+    if not path:
+        raise ValueError("load_head_weights: no path (MODEL.REGIONSPOT.HEAD_WEIGHTS is empty).")
+    if "://" not in path and not os.path.isfile(path):
+        raise FileNotFoundError(f"RegionSpot weights not found: {path!r} (MODEL.REGIONSPOT.HEAD_WEIGHTS).")
+    with PathManager.open(path, "rb") as f:
+        # detectron2's .pkl files are plain pickles (of numpy arrays); others are torch files.
+        ckpt = pickle.load(f, encoding="latin1") if path.endswith(".pkl") else torch.load(f, map_location="cpu", weights_only=False)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
+    if not isinstance(state, dict):
+        raise ValueError(f"{path!r} holds no state dict.")
+    state = {k: torch.as_tensor(v) for k, v in state.items() if isinstance(v, (torch.Tensor, np.ndarray))}
+    prefix = "roi_heads.fusion."
+    # A bare fusion state dict: give it our prefix.
+    state = {(prefix + k if k.startswith(FUSION_PREFIXES) else k): v for k, v in state.items()}
+    shapes = {prefix + k: v.shape for k, v in fusion.state_dict().items()}
+    convert_regionspot_state_dict(state, shapes, prefix)
+    fusion_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not fusion_state:
+        raise ValueError(
+            f"{path!r} holds no RegionSpot fusion weights (no 'roi_heads.fusion.*', 'model.to_clip.*', "
+            "... keys). MODEL.REGIONSPOT.HEAD_WEIGHTS must be a RegionSpot checkpoint."
+        )
+    fusion.load_state_dict(fusion_state, strict=True)
+    logger.info(f"Loaded {len(fusion_state)} RegionSpot fusion tensors from {path}.")
+    return sorted(fusion_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# The detector
+def load_detector_config(config: str, weights: str = "", opts=(), device: str = "cpu"):
+    """
+    The stock detectron2 config of the detector: ``config`` a YAML path or
+    ``"model_zoo:<name>"`` (a config shipped with detectron2), then ``opts``; ``MODEL.WEIGHTS`` and
+    ``MODEL.DEVICE`` set to ``weights`` and ``device``.
+    """
+    if not config:
+        raise ValueError(
+            "MODEL.REGIONSPOT.DETECTOR.CONFIG is empty: give the detector's YAML config, e.g. "
+            "model_zoo:COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml."
+        )
+    if config.startswith(MODEL_ZOO_PREFIX):
+        from detectron2 import model_zoo
+
+        name = config[len(MODEL_ZOO_PREFIX):]
+        try:
+            path = model_zoo.get_config_file(name)
+        except RuntimeError as e:
+            raise FileNotFoundError(f"MODEL.REGIONSPOT.DETECTOR.CONFIG={config!r}: {e}") from e
+    else:
+        path = config
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Detector config not found: {path!r} (MODEL.REGIONSPOT.DETECTOR.CONFIG); give a YAML path "
+                "or model_zoo:<name of a detectron2 model-zoo config>."
+            )
+    det_cfg = get_cfg()
+    det_cfg.merge_from_file(path)
+    det_cfg.merge_from_list(list(opts))
+    det_cfg.MODEL.WEIGHTS = weights
+    det_cfg.MODEL.DEVICE = device
+    det_cfg.freeze()
+    return det_cfg
+
+
+def build_detector(det_cfg) -> nn.Module:
+    """Build the detector of ``det_cfg``, load ``MODEL.WEIGHTS`` (empty: random, with a warning), freeze it."""
+    detector = build_model(det_cfg)
+    if det_cfg.MODEL.WEIGHTS:
+        DetectionCheckpointer(detector).load(det_cfg.MODEL.WEIGHTS)
+    else:
+        logger.warning(
+            "MODEL.REGIONSPOT.DETECTOR.WEIGHTS is empty: the detector has RANDOM weights and its boxes "
+            "mean nothing (fine for tests only)."
+        )
+    for p in detector.parameters():
+        p.requires_grad_(False)
+    return detector.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+@META_ARCH_REGISTRY.register()
+class RegionSpotRelabel(nn.Module):
+    """
+    A frozen detector proposes boxes, RegionSpot names them.
+
+    Per image: the input (``image`` in ``INPUT.FORMAT``, any size) is converted to the detector's
+    ``INPUT.FORMAT`` and resized with its ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``; the
+    detector's own forward returns its final ``pred_boxes``/``scores`` (or ``proposal_boxes``/
+    ``objectness_logits`` for a proposal network) at the input's size. Those boxes are the prompts of
+    the ``RegionSpotROIHeads`` (``roi_heads``), which reads the input image itself.
+
+    Scoring follows ``MODEL.REGIONSPOT.SCORING``:
+
+    * ``topk_pairs``: the head's protocol (top-k (box, class) pairs, class probability x detector
+      score when ``USE_BOX_SCORES``, ``TEST.DETECTIONS_PER_IMAGE``);
+    * ``per_region``: one result per detector box, in the detector's order, with its best class
+      (score = class probability, x detector score when ``USE_BOX_SCORES``).
+
+    The detector is frozen (``requires_grad`` off, always in eval mode) and not part of the state
+    dict: its weights always come from ``DETECTOR.WEIGHTS``; ``MODEL.WEIGHTS`` is the RegionSpot
+    checkpoint (ours or the released layout). Training (GT boxes as prompts, as the ``RegionSpot``
+    meta-architecture) trains only the fusion module.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        detector: nn.Module,
+        roi_heads: nn.Module,
+        pixel_mean,
+        pixel_std,
+        input_format: str = "RGB",
+        detector_input_format: str = "BGR",
+        detector_min_size: int = 800,
+        detector_max_size: int = 1333,
+        per_region: bool = False,
+        use_box_scores: bool = True,
+    ):
+        """
+        Args:
+            detector: a detectron2 model whose eval forward takes ``[{"image", "height", "width"}]``
+                and returns ``[{"instances": ...}]`` or ``[{"proposals": ...}]``.
+            roi_heads: the RegionSpot head.
+            pixel_mean, pixel_std, input_format: normalisation and channel order of the inputs (for
+                the head), as ``MODEL.PIXEL_MEAN``/``PIXEL_STD``/``INPUT.FORMAT``.
+            detector_input_format, detector_min_size, detector_max_size: what the detector reads
+                (its config's ``INPUT.FORMAT``, ``INPUT.MIN_SIZE_TEST``, ``INPUT.MAX_SIZE_TEST``).
+            per_region: one result per detector box, in order (else the head's top-k scoring).
+            use_box_scores: multiply by the detector's scores.
+        """
+        super().__init__()
+        for fmt, key in ((input_format, "INPUT.FORMAT"), (detector_input_format, "the detector's INPUT.FORMAT")):
+            if fmt not in ("RGB", "BGR"):
+                raise ValueError(f"{key}={fmt!r}: RegionSpotRelabel handles RGB and BGR images.")
+        self.detector = detector
+        for p in self.detector.parameters():
+            p.requires_grad_(False)
+        self.detector.eval()
+        self.roi_heads = roi_heads
+        self.input_format = input_format
+        self.detector_input_format = detector_input_format
+        self.detector_resize = T.ResizeShortestEdge([detector_min_size, detector_min_size], detector_max_size)
+        self.per_region = per_region
+        self.use_box_scores = use_box_scores
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+        accept_released_checkpoints(self)
+        # The detector comes from DETECTOR.WEIGHTS: never saved with the model, never "missing".
+        self.register_state_dict_post_hook(_drop_detector_from_state_dict)
+        self.register_load_state_dict_pre_hook(_remember_prefix)
+        self.register_load_state_dict_post_hook(_quiet_detector_keys)
+
+    @classmethod
+    def from_config(cls, cfg):
+        rs = cfg.MODEL.REGIONSPOT
+        det_cfg = load_detector_config(rs.DETECTOR.CONFIG, rs.DETECTOR.WEIGHTS, rs.DETECTOR.OPTS, cfg.MODEL.DEVICE)
+        roi_heads = build_roi_heads(cfg, {})
+        if rs.HEAD_WEIGHTS:
+            load_head_weights(roi_heads, rs.HEAD_WEIGHTS)
+        return {
+            "detector": build_detector(det_cfg),
+            "roi_heads": roi_heads,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+            "detector_input_format": det_cfg.INPUT.FORMAT,
+            "detector_min_size": det_cfg.INPUT.MIN_SIZE_TEST,
+            "detector_max_size": det_cfg.INPUT.MAX_SIZE_TEST,
+            "per_region": rs.SCORING == "per_region",
+            "use_box_scores": rs.USE_BOX_SCORES,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.detector.eval()  # frozen: BatchNorm statistics and dropout never change
+        return self
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images)
+
+    # -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def detect(self, image: torch.Tensor) -> Instances:
+        """
+        Run the detector on one input image.
+
+        Args:
+            image: [3, H, W] in ``INPUT.FORMAT`` (uint8 values).
+
+        Returns:
+            Instances of size (H, W) with the detector's ``proposal_boxes`` (XYXY in the input's
+            pixels, empty boxes dropped) and ``objectness_logits`` (logit of its scores), in the
+            detector's order.
+        """
+        h, w = image.shape[-2:]
+        x = image.detach().to("cpu").float()
+        if self.input_format != self.detector_input_format:
+            x = x.flip(0)
+        hwc = x.permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+        resized = self.detector_resize.get_transform(hwc).apply_image(hwc)
+        det_input = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        out = self.detector([{"image": det_input, "height": h, "width": w}])[0]
+        if "instances" in out:
+            det = out["instances"]
+            boxes, scores = det.pred_boxes, det.scores if det.has("scores") else None
+            logits = None if scores is None else torch.logit(scores.float().clamp(_EPS, 1 - _EPS))
+        elif "proposals" in out:
+            det = out["proposals"]
+            boxes = det.proposal_boxes
+            logits = det.objectness_logits.float() if det.has("objectness_logits") else None
+        else:
+            raise ValueError(
+                f"The detector ({type(self.detector).__name__}) returned {sorted(out)}; RegionSpotRelabel "
+                "needs 'instances' (pred_boxes, scores) or 'proposals'."
+            )
+        boxes = Boxes(boxes.tensor.to(self.device).float())
+        keep = boxes.nonempty()
+        regions = Instances((int(h), int(w)))
+        regions.proposal_boxes = boxes[keep]
+        if logits is not None:
+            regions.objectness_logits = logits.to(self.device)[keep]
+        return regions
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: detectron2's list of dicts: ``image`` [3, H, W] in INPUT.FORMAT,
+                ``height``/``width`` (output size); ``instances`` (GT) in training.
+
+        Returns:
+            training: dict of losses (GT boxes as prompts); inference: list of ``{"instances": ...}``.
+        """
+        if not self.training:
+            return self.inference(batched_inputs)
+        names = {x.get("vocabulary") for x in batched_inputs}
+        if len(names) > 1:
+            raise ValueError(f"A batch mixes images of vocabularies {sorted(map(str, names))}.")
+        targets = [x["instances"].to(self.device) for x in batched_inputs]
+        return self.roi_heads.losses(self.preprocess_image(batched_inputs), targets, names.pop())
+
+    def inference(
+        self,
+        batched_inputs: List[Dict],
+        detected_instances: Optional[List[Instances]] = None,
+        do_postprocess: bool = True,
+    ):
+        """
+        Args:
+            batched_inputs: as in :meth:`forward`.
+            detected_instances: known boxes per image (``pred_boxes`` in the input image's pixels):
+                the detector is skipped and each box is classified, in the given order.
+            do_postprocess: rescale to the requested ``height``/``width``.
+
+        Returns:
+            list of ``{"instances": Instances}`` (``pred_boxes``, ``scores``, ``pred_classes``,
+            ``pred_masks``).
+        """
+        assert not self.training
+        images = self.preprocess_image(batched_inputs)
+        if detected_instances is not None:
+            results = self.roi_heads.forward_with_given_boxes(images, [d.to(self.device) for d in detected_instances])
+        else:
+            regions = [self.detect(x["image"]) for x in batched_inputs]
+            if self.per_region:
+                results = self._per_region(images, regions)
+            else:
+                results, _ = self.roi_heads(images, {}, regions, None)
+        if not do_postprocess:
+            return results
+        return [
+            {"instances": _rescale(r, x.get("height", r.image_size[0]), x.get("width", r.image_size[1]))}
+            for r, x in zip(results, batched_inputs)
+        ]
+
+    def _per_region(self, images: ImageList, regions: List[Instances]) -> List[Instances]:
+        given = []
+        for r in regions:
+            g = Instances(r.image_size)
+            g.pred_boxes = r.proposal_boxes
+            given.append(g)
+        results = self.roi_heads.forward_with_given_boxes(images, given)
+        if self.use_box_scores:
+            for res, r in zip(results, regions):
+                if r.has("objectness_logits"):
+                    res.scores = res.scores * r.objectness_logits.to(res.scores).sigmoid()
+        return results
+
+
+def _rescale(instances: Instances, height: int, width: int) -> Instances:
+    """Results at the output size; masks up-sampled there; no box is dropped (order is kept)."""
+    h, w = instances.image_size
+    out = Instances((height, width), **instances.get_fields())
+    if (h, w) != (height, width):
+        out.pred_boxes = out.pred_boxes.clone()
+        out.pred_boxes.scale(width / w, height / h)
+        out.pred_boxes.clip(out.image_size)
+    if out.has("pred_masks") and isinstance(out.pred_masks, ROIMasks):
+        out.pred_masks = out.pred_masks.to_bitmasks(out.pred_boxes, height, width).tensor
+    return out
+
+
+def _drop_detector_from_state_dict(module, state_dict, prefix, local_metadata):
+    for k in [k for k in state_dict if k.startswith(prefix + "detector.")]:
+        del state_dict[k]
+
+
+def _remember_prefix(module, state_dict, prefix, *args):
+    module._load_prefix = prefix
+
+
+def _quiet_detector_keys(module, incompatible_keys):
+    det = getattr(module, "_load_prefix", "") + "detector."
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(det)]
