@@ -102,8 +102,8 @@ def _install_oracle(monkeypatch, model, shift=0, scale=100.0):
     stats = {"calls": 0}
     original_regions = model._regions
 
-    def regions(batched_inputs):
-        out = original_regions(batched_inputs)
+    def regions(batched_inputs, images=None):
+        out = original_regions(batched_inputs, images)
         for x, r in zip(batched_inputs, out):
             gt = x["instances"]
             pending.append((gt.gt_boxes.to("cpu"), gt.gt_classes.to("cpu"), r.proposal_boxes.to("cpu")))
