@@ -7,6 +7,7 @@ import sys
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARK = os.path.join(REPO_ROOT, "tools", "benchmark.py")
 
+# Legacy view of ours (keys of the first version of the tool), still written per result.
 PHASES = (
     "sam_encoder",
     "clip",
@@ -16,7 +17,13 @@ PHASES = (
     "total",
     "eval_path_total",
 )
+MODES = ("reference", "ours_eval_masks", "ours_predictor_masks", "ours_cls_only")
+# Phases every mode reports; the modes with masks also report mask_postprocess.
+MODE_PHASES = ("sam_encoder", "clip", "mask_decoder", "fusion_head", "other", "total")
+MEMORY_MODES = ("reference", "ours_eval_masks", "ours_cls_only")
 NUM_BOXES = (0, 1, 3)
+MEMORY_N = (3,)
+LOGITS_TOL = 1e-4
 
 
 def test_benchmark_tiny_smoke(tmp_path):
@@ -25,25 +32,60 @@ def test_benchmark_tiny_smoke(tmp_path):
         sys.executable, BENCHMARK,
         "--variants", "tiny",
         "--num-boxes", *[str(n) for n in NUM_BOXES],
+        # Per-mode memory subprocesses only for --memory-n (keeps the test short).
+        "--no-memory",
+        "--memory-n", *[str(n) for n in MEMORY_N],
         "--repeats", "1",
         "--warmup", "0",
+        "--threads", "1",
         "--device", "cpu",
         "--cache-dir", str(tmp_path / "text_cache"),
         "--output-json", str(out_json),
     ]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, f"benchmark failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    # The report goes to stdout: machine description and one table row per (variant, N).
-    assert "torch" in proc.stdout and "eval_path_total" in proc.stdout
+    # The report goes to stdout: machine description, then the phase, agreement and memory tables.
+    assert "torch" in proc.stdout and "Load average" in proc.stdout
+    for mode in MODES:
+        assert mode in proc.stdout, mode
+    assert "speed-up" in proc.stdout and "logits max-abs-diff" in proc.stdout and "peak" in proc.stdout
 
     data = json.loads(out_json.read_text())
-    for key in ("cpu_model", "cpu_count", "torch_num_threads", "torch_version", "device_name"):
+    for key in ("cpu_model", "cpu_count", "torch_num_threads", "torch_version", "device_name", "load_average_at_start"):
         assert key in data["machine"], key
+    assert data["machine"]["torch_num_threads"] == 1
+
     results = data["results"]
     assert [r["num_boxes"] for r in results] == list(NUM_BOXES)
     for r in results:
         assert "error" not in r, r
         assert r["variant"] == "tiny"
+        assert r["kind"] == "compare"
+        assert r["reference_weights_identical"] is True
+        # Per-mode entries with phase keys.
+        assert set(r["modes"]) == set(MODES), r["modes"].keys()
+        for mode in MODES:
+            m = r["modes"][mode]
+            expected = set(MODE_PHASES) | ({"mask_postprocess"} if mode != "ours_cls_only" else set())
+            assert expected <= set(m["phases_ms"]), (mode, m["phases_ms"].keys())
+            for phase, ms in m["phases_ms"].items():
+                assert ms >= 0.0, (mode, phase, ms)
+                assert len(m["phases_ms_runs"][phase]) == 1
+            assert m["total_ms"] > 0.0
+            assert m["speedup_vs_reference"] > 0.0
+        # Agreement with the reference: logits to 1e-4 in fp32, masks compared pixel by pixel.
+        a = r["agreement"]
+        assert a["logits_tolerance"] == LOGITS_TOL
+        for mode in MODES[1:]:
+            assert a["logits_max_abs_diff"][mode] < LOGITS_TOL, (mode, a["logits_max_abs_diff"])
+        assert a["logits_max_abs_diff_max"] < LOGITS_TOL
+        assert a["logits_within_tolerance"] is True
+        for mode in ("ours_predictor_masks", "ours_eval_masks"):
+            assert 0.0 <= a["mask_pixels_differing_fraction"][mode] <= 1.0
+        assert a["mask_pixels_compared"]["ours_predictor_masks"] == r["num_boxes"] * r["image_hw"][0] * r["image_hw"][1]
+        assert a["eval_num_detections"] <= r["num_boxes"] * r["num_classes"]
+
+        # Legacy fields of the first version.
         assert set(PHASES) <= set(r["phases_ms"]), r["phases_ms"].keys()
         for phase in PHASES:
             assert r["phases_ms"][phase] >= 0.0, (phase, r["phases_ms"][phase])
@@ -56,3 +98,44 @@ def test_benchmark_tiny_smoke(tmp_path):
         assert r["peak_rss_mb"] > 0.0
         assert "peak_rss_growth_mb" in r
         assert r["image_hw"][0] > 0 and r["image_hw"][1] > 0
+
+    # Memory: one subprocess per (N, mode); the reference one runs the stock SAM.
+    memory = data["memory"]
+    assert sorted((m["num_boxes"], m["mode"]) for m in memory) == sorted(
+        (n, mode) for n in MEMORY_N for mode in MEMORY_MODES
+    )
+    for m in memory:
+        assert "error" not in m, m
+        assert m["kind"] == "memory"
+        assert m["sam_fast_path"] is (m["mode"] != "reference")
+        assert m["rss_after_build_mb"] > 0.0
+        assert m["peak_rss_mb"] > 0.0
+        assert "peak_rss_growth_mb" in m
+        assert m["run_ms"] > 0.0
+
+
+def test_benchmark_skip_reference_above(tmp_path):
+    """Above --skip-reference-above only ours runs; no agreement, no reference memory job."""
+    out_json = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, BENCHMARK,
+        "--variants", "tiny",
+        "--num-boxes", "2",
+        "--no-memory",
+        "--memory-n", "2",
+        "--skip-reference-above", "1",
+        "--repeats", "1",
+        "--warmup", "0",
+        "--threads", "1",
+        "--cache-dir", str(tmp_path / "text_cache"),
+        "--output-json", str(out_json),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, f"benchmark failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    data = json.loads(out_json.read_text())
+    (r,) = data["results"]
+    assert "error" not in r, r
+    assert set(r["modes"]) == set(MODES[1:])
+    assert r["agreement"] is None
+    assert "reference_skipped" in r
+    assert sorted(m["mode"] for m in data["memory"]) == sorted(MEMORY_MODES[1:])
