@@ -2,12 +2,10 @@
 Faster forwards for the stock ``segment_anything`` modules, using their own weights (nothing of SAM
 is copied: the modules are composed, and their attention is re-expressed).
 
-* Image-encoder attention through ``F.scaled_dot_product_attention``. SAM adds decomposed relative-
-  position terms to the attention logits, ``scale * q.k + Rh[q, k_row] + Rw[q, k_col]``, which the
-  stock code materialises as a full (H*W) x (H*W) matrix per head (4096 x 4096 in the global blocks).
-  The same logits are the dot products of augmented vectors ``[scale*q, Rh(q), Rw(q)]`` and
-  ``[k, onehot(k_row), onehot(k_col)]``, so a fused attention kernel computes them without ever
-  building that matrix.
+* Image-encoder attention through ``F.scaled_dot_product_attention`` with SAM's decomposed relative-
+  position terms (``Rh[q, k_row] + Rw[q, k_col]``) as its additive ``attn_mask``, built one head at a
+  time in the 64 x 64 global blocks. The stock code materialises the logits of all heads, adds the
+  terms and soft-maxes in separate passes over 12 x 4096 x 4096 floats; the fused kernel does one.
 """
 import types
 
@@ -19,26 +17,30 @@ from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 __all__ = ["use_fused_encoder_attention"]
 
 
+# Heads whose relative-position bias is built at once: bounds the bias to heads x (H*W)^2 floats
+# (64 MiB per head for SAM's 64 x 64 global attention).
+_BIAS_HEADS_PER_STEP = 1
+
+
 def _fused_attention_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
     b, h, w, _ = x.shape
     qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # each [B, heads, H*W, C]
-    if self.use_rel_pos:
-        c = q.shape[-1]
-        rh = get_rel_pos(h, h, self.rel_pos_h)  # [H(q), H(k), C]
-        rw = get_rel_pos(w, w, self.rel_pos_w)  # [W(q), W(k), C]
-        r_q = q.reshape(b, self.num_heads, h, w, c)
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).reshape(b, self.num_heads, h * w, h)
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(b, self.num_heads, h * w, w)
-        rows = torch.arange(h, device=x.device).repeat_interleave(w)
-        cols = torch.arange(w, device=x.device).repeat(h)
-        onehot_h = F.one_hot(rows, h).to(k.dtype).expand(b, self.num_heads, -1, -1)
-        onehot_w = F.one_hot(cols, w).to(k.dtype).expand(b, self.num_heads, -1, -1)
-        q = torch.cat([q * self.scale, rel_h, rel_w], dim=-1)
-        k = torch.cat([k, onehot_h, onehot_w], dim=-1)
-        out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-    else:
+    if not self.use_rel_pos:
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+    else:
+        c = q.shape[-1]
+        r_q = q.reshape(b, self.num_heads, h, w, c)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, get_rel_pos(h, h, self.rel_pos_h))  # [B, n, H, W, H]
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(w, w, self.rel_pos_w))  # [B, n, H, W, W]
+        # Small windows: all heads at once; global attention: a few heads at a time.
+        step = self.num_heads if h * w <= 1024 else _BIAS_HEADS_PER_STEP
+        outs = []
+        for n in range(0, self.num_heads, step):
+            heads = slice(n, n + step)
+            bias = (rel_h[:, heads, :, :, :, None] + rel_w[:, heads, :, :, None, :]).reshape(b, -1, h * w, h * w)
+            outs.append(F.scaled_dot_product_attention(q[:, heads], k[:, heads], v[:, heads], attn_mask=bias, scale=self.scale))
+        out = torch.cat(outs, dim=1)
     out = out.permute(0, 2, 1, 3).reshape(b, h, w, -1)
     return self.proj(out)
 
