@@ -31,6 +31,9 @@ class SamMasks(ROIMasks):
         self.sam = sam
         self.input_size = tuple(int(s) for s in input_size)
 
+    # Regions up-sampled at once in to_bitmasks (bounds its memory to ~4 MiB of logits per region).
+    chunk_size = 16
+
     @property
     def tensor(self):  # ROIMasks API: the [K, ...] tensor is never built here
         raise AttributeError("SamMasks keeps low-resolution logits; call to_bitmasks(boxes, height, width).")
@@ -73,5 +76,10 @@ class SamMasks(ROIMasks):
         if len(self) == 0:
             return BitMasks(torch.zeros((0, height, width), dtype=torch.bool, device=self.device))
         regions, inverse = torch.unique(self.index, return_inverse=True)
-        logits = self.sam.postprocess_masks(self.low_res[regions].float(), self.input_size, (height, width))
-        return BitMasks((logits[:, 0] > self.sam.mask_threshold)[inverse])
+        # A few regions at a time: SAM's post-processing first up-samples to its 1024 x 1024 frame.
+        masks = torch.empty((len(regions), height, width), dtype=torch.bool, device=self.device)
+        for start in range(0, len(regions), self.chunk_size):
+            chunk = self.low_res[regions[start : start + self.chunk_size]].float()
+            logits = self.sam.postprocess_masks(chunk, self.input_size, (height, width))
+            masks[start : start + self.chunk_size] = logits[:, 0] > self.sam.mask_threshold
+        return BitMasks(masks[inverse])

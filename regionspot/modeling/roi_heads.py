@@ -405,8 +405,10 @@ class RegionSpotROIHeads(nn.Module):
         out.pred_classes = classes
         out.mask_scores = sam_out.mask_scores[region_idx]
         if self.mask_on:
-            # Kept lazily as SAM logits: each region's mask is up-sampled once, at the output size.
-            out.pred_masks = SamMasks(sam_out.low_res_masks, region_idx, self.sam.sam, state.input_size)
+            # Kept lazily as SAM logits of the surviving regions only: each region's mask is
+            # up-sampled once, at the output size, however many classes it was kept with.
+            kept, index = torch.unique(region_idx, return_inverse=True)
+            out.pred_masks = SamMasks(sam_out.low_res_masks[kept], index, self.sam.sam, state.input_size)
             if boxes_from_masks:
                 out.pred_boxes = out.pred_masks.to_bitmasks(None, *image_size).get_bounding_boxes()
         return out
