@@ -1,7 +1,6 @@
 """Fusion module: the released architecture (keys, shapes, parameter counts) and its behaviour."""
 import pytest
 import torch
-from torch import nn
 
 from regionspot.modeling.fusion import RegionSpotFusion, region_text_logits
 

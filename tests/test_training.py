@@ -9,7 +9,7 @@ import pytest
 import torch
 from detectron2.engine import HookBase
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures import Boxes, Instances
 from fvcore.nn import sigmoid_focal_loss
 
 from conftest import REPO_ROOT, TINY_CONFIG, tiny_cfg

@@ -57,7 +57,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -71,6 +70,8 @@ from detectron2.config import CfgNode
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
+
+from .io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -463,7 +464,7 @@ class FeatureCache:
                     )
                 entry["views"] += [v.name for v in views if v.name not in entry["views"]]
             manifest["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
-            _atomic_write(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
+            atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
         self._manifest = manifest
         return manifest
 
@@ -583,7 +584,7 @@ class FeatureCache:
         data = buf.getvalue()
         path = self.path(dataset, view, image_id)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        _atomic_write(path, data)
+        atomic_write_bytes(path, data)
         return len(data)
 
     def load(self, dataset: str, view: str, image_id, annotations_sha256: Optional[str] = None) -> dict:
@@ -643,24 +644,6 @@ class FeatureCache:
 
 def _safe_dir(name: str) -> str:
     return image_key(name)
-
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def _atomic_write(path: str, data: bytes):
-    directory, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # -------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Data loaders of RegionSpot, built from detectron2's ``DatasetMapper``."""
-from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import DatasetMapper, build_detection_test_loader
 from detectron2.data import detection_utils as utils
 
 __all__ = ["build_regionspot_test_mapper", "build_regionspot_test_loader", "build_regionspot_train_mapper",

@@ -31,11 +31,12 @@ import math
 import numbers
 import os
 import pickle
-import tempfile
 from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 from detectron2.structures import BoxMode
+
+from .io import atomic_write_bytes
 
 __all__ = ["detections_to_proposals", "load_coco_detections", "save_proposals"]
 
@@ -381,21 +382,5 @@ def save_proposals(proposals: Dict[str, Any], path: str) -> None:
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    # mkstemp creates the file 0600; give the result ordinary permissions (those of the file it
-    # replaces, if any).
-    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            pickle.dump(proposals, f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_bytes(path, pickle.dumps(proposals, protocol=pickle.HIGHEST_PROTOCOL))
     logger.info("Saved proposals of %d images to %s", lengths["ids"], path)

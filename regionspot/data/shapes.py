@@ -16,12 +16,13 @@ import functools
 import json
 import logging
 import os
-import tempfile
 
 import cv2
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
+
+from .io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -196,19 +197,6 @@ def _render_image(rng, height=IMAGE_HEIGHT, width=IMAGE_WIDTH):
     return image, annotations
 
 
-def _atomic_write_bytes(path, data):
-    directory, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _manifest_header(split, num_images, seed):
     return {
         "generator": "regionspot_shapes",
@@ -299,7 +287,7 @@ def generate_shapes_split(root, split, num_images, seed):
         ok, encoded = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         if not ok:
             raise RuntimeError(f"Could not encode shapes image {file_name}")
-        _atomic_write_bytes(os.path.join(split_dir, file_name), encoded.tobytes())
+        atomic_write_bytes(os.path.join(split_dir, file_name), encoded.tobytes())
         images.append(
             {
                 "file_name": file_name,  # relative to the split directory in the manifest
@@ -310,7 +298,7 @@ def generate_shapes_split(root, split, num_images, seed):
             }
         )
     manifest = dict(header, images=images)
-    _atomic_write_bytes(manifest_path, json.dumps(manifest).encode("utf-8"))
+    atomic_write_bytes(manifest_path, json.dumps(manifest).encode("utf-8"))
     return _dicts_from_manifest(manifest, split_dir)
 
 

@@ -48,3 +48,32 @@ class FrozenModule(nn.Module):
     def train(self, mode: bool = True):
         # Frozen models keep eval-mode behaviour (dropout off) whatever the trainer asks.
         return super().train(False)
+
+
+def keep_out_of_checkpoints(module: nn.Module, *children: str) -> nn.Module:
+    """
+    Leave the named child modules (frozen models that come from their own weight files) out of
+    ``module.state_dict()``, and do not report their parameters as missing when loading.
+
+    Args:
+        module: the module holding them.
+        children: attribute names of the children, e.g. ``"sam", "clip"``.
+    """
+    names = tuple(c + "." for c in children)
+
+    def drop(mod, state_dict, prefix, local_metadata):
+        skip = tuple(prefix + n for n in names)
+        for k in [k for k in state_dict if k.startswith(skip)]:
+            del state_dict[k]
+
+    def remember_prefix(mod, state_dict, prefix, *args):
+        mod._load_prefix = prefix  # the post-hook is not told the prefix
+
+    def quiet(mod, incompatible_keys):
+        skip = tuple(getattr(mod, "_load_prefix", "") + n for n in names)
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(skip)]
+
+    module.register_state_dict_post_hook(drop)
+    module.register_load_state_dict_pre_hook(remember_prefix)
+    module.register_load_state_dict_post_hook(quiet)
+    return module

@@ -3,7 +3,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 __all__ = ["RegionSpotFusion", "region_text_logits"]
 

@@ -122,7 +122,7 @@ class RegionSpot(nn.Module):
         """
         if not self.training:
             return self.inference(batched_inputs)
-        vocabulary = _batch_vocabulary(batched_inputs)
+        vocabulary = batch_vocabulary(batched_inputs)
         targets = [x["instances"].to(self.device) for x in batched_inputs]
         if all("region_tokens" in x for x in batched_inputs):
             # Features read from the cache of tools/extract_features.py: SAM and CLIP do not run.
@@ -161,12 +161,12 @@ class RegionSpot(nn.Module):
         if not do_postprocess:
             return results
         return [
-            {"instances": _rescale(r, x.get("height", r.image_size[0]), x.get("width", r.image_size[1]))}
+            {"instances": rescale_results(r, x.get("height", r.image_size[0]), x.get("width", r.image_size[1]))}
             for r, x in zip(results, batched_inputs)
         ]
 
 
-def _batch_vocabulary(batched_inputs: List[Dict]) -> Optional[str]:
+def batch_vocabulary(batched_inputs: List[Dict]) -> Optional[str]:
     """The named vocabulary of a batch (multi-dataset training), or None for the current one."""
     names = {x.get("vocabulary") for x in batched_inputs}
     if len(names) > 1:
@@ -174,7 +174,7 @@ def _batch_vocabulary(batched_inputs: List[Dict]) -> Optional[str]:
     return names.pop() if names else None
 
 
-def _rescale(instances: Instances, height: int, width: int) -> Instances:
+def rescale_results(instances: Instances, height: int, width: int) -> Instances:
     """
     Results at the requested output size: boxes scaled, SAM masks up-sampled from their logits to
     (height, width). Unlike ``detector_postprocess`` no box is dropped, so given boxes keep their order.

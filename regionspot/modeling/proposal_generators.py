@@ -20,6 +20,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
 
+from .frozen import keep_out_of_checkpoints
 from .sam_tokens import build_sam
 
 logger = logging.getLogger(__name__)
@@ -133,9 +134,7 @@ class SamAutomaticProposals(nn.Module):
         if sam is not None:
             self.use_sam(sam)
         # SAM comes from its own file: never saved with the model, never "missing" when loading.
-        self.register_state_dict_post_hook(_drop_sam_from_state_dict)
-        self.register_load_state_dict_pre_hook(_remember_prefix)
-        self.register_load_state_dict_post_hook(_quiet_sam_keys)
+        keep_out_of_checkpoints(self, "sam")
 
     @classmethod
     def from_config(cls, cfg, input_shape=None):
@@ -216,17 +215,3 @@ class SamAutomaticProposals(nn.Module):
         del features, gt_instances
         rgbs = images_to_rgb_uint8(images, self.pixel_mean, self.pixel_std, self.input_format)
         return [self.propose(rgb) for rgb in rgbs], {}
-
-
-def _drop_sam_from_state_dict(module, state_dict, prefix, local_metadata):
-    for k in [k for k in state_dict if k.startswith(prefix + "sam.")]:
-        del state_dict[k]
-
-
-def _remember_prefix(module, state_dict, prefix, *args):
-    module._load_prefix = prefix
-
-
-def _quiet_sam_keys(module, incompatible_keys):
-    sam_prefix = getattr(module, "_load_prefix", "") + "sam."
-    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(sam_prefix)]

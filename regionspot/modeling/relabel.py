@@ -23,11 +23,13 @@ from detectron2.config import configurable, get_cfg
 from detectron2.data import transforms as T
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.modeling.roi_heads import build_roi_heads
-from detectron2.structures import Boxes, ImageList, Instances, ROIMasks
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.file_io import PathManager
 
 from ..checkpoint import FUSION_PREFIXES, accept_released_checkpoints, convert_regionspot_state_dict
+from .frozen import keep_out_of_checkpoints
 from .fusion import RegionSpotFusion
+from .meta_arch import batch_vocabulary, rescale_results
 
 logger = logging.getLogger(__name__)
 
@@ -207,9 +209,7 @@ class RegionSpotRelabel(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
         accept_released_checkpoints(self)
         # The detector comes from DETECTOR.WEIGHTS: never saved with the model, never "missing".
-        self.register_state_dict_post_hook(_drop_detector_from_state_dict)
-        self.register_load_state_dict_pre_hook(_remember_prefix)
-        self.register_load_state_dict_post_hook(_quiet_detector_keys)
+        keep_out_of_checkpoints(self, "detector")
 
     @classmethod
     def from_config(cls, cfg):
@@ -298,11 +298,8 @@ class RegionSpotRelabel(nn.Module):
         """
         if not self.training:
             return self.inference(batched_inputs)
-        names = {x.get("vocabulary") for x in batched_inputs}
-        if len(names) > 1:
-            raise ValueError(f"A batch mixes images of vocabularies {sorted(map(str, names))}.")
         targets = [x["instances"].to(self.device) for x in batched_inputs]
-        return self.roi_heads.losses(self.preprocess_image(batched_inputs), targets, names.pop())
+        return self.roi_heads.losses(self.preprocess_image(batched_inputs), targets, batch_vocabulary(batched_inputs))
 
     def inference(
         self,
@@ -334,7 +331,7 @@ class RegionSpotRelabel(nn.Module):
         if not do_postprocess:
             return results
         return [
-            {"instances": _rescale(r, x.get("height", r.image_size[0]), x.get("width", r.image_size[1]))}
+            {"instances": rescale_results(r, x.get("height", r.image_size[0]), x.get("width", r.image_size[1]))}
             for r, x in zip(results, batched_inputs)
         ]
 
@@ -350,30 +347,3 @@ class RegionSpotRelabel(nn.Module):
                 if r.has("objectness_logits"):
                     res.scores = res.scores * r.objectness_logits.to(res.scores).sigmoid()
         return results
-
-
-def _rescale(instances: Instances, height: int, width: int) -> Instances:
-    """Results at the output size; masks up-sampled there; no box is dropped (order is kept)."""
-    h, w = instances.image_size
-    out = Instances((height, width), **instances.get_fields())
-    if (h, w) != (height, width):
-        out.pred_boxes = out.pred_boxes.clone()
-        out.pred_boxes.scale(width / w, height / h)
-        out.pred_boxes.clip(out.image_size)
-    if out.has("pred_masks") and isinstance(out.pred_masks, ROIMasks):
-        out.pred_masks = out.pred_masks.to_bitmasks(out.pred_boxes, height, width).tensor
-    return out
-
-
-def _drop_detector_from_state_dict(module, state_dict, prefix, local_metadata):
-    for k in [k for k in state_dict if k.startswith(prefix + "detector.")]:
-        del state_dict[k]
-
-
-def _remember_prefix(module, state_dict, prefix, *args):
-    module._load_prefix = prefix
-
-
-def _quiet_detector_keys(module, incompatible_keys):
-    det = getattr(module, "_load_prefix", "") + "detector."
-    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(det)]

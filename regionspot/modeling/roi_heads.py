@@ -20,6 +20,7 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 from detectron2.structures import Boxes, ImageList, Instances
 
 from .clip_features import ClipDenseFeatures, build_clip
+from .frozen import keep_out_of_checkpoints
 from .fusion import RegionSpotFusion, region_text_logits
 from .masks import SamMasks
 from .sam_tokens import SamImageState, SamRegionTokens, build_sam
@@ -180,9 +181,7 @@ class RegionSpotROIHeads(nn.Module):
             self.set_vocabulary(class_names)
 
         # Checkpoints hold the fusion module only; SAM and CLIP come from their own files.
-        self.register_state_dict_post_hook(_drop_frozen_from_state_dict)
-        self.register_load_state_dict_pre_hook(_remember_prefix)
-        self.register_load_state_dict_post_hook(_quiet_frozen_keys)
+        keep_out_of_checkpoints(self, "sam", "clip")
 
     @classmethod
     def from_config(cls, cfg, input_shape=None):
@@ -476,24 +475,3 @@ class RegionSpotROIHeads(nn.Module):
             loss = sigmoid_focal_loss(logits[i, : counts[i]], onehot, self.focal_alpha, self.focal_gamma, "none")
             total = total + loss.sum(dim=1).mean()
         return total
-
-
-# -------------------------------------------------------------------------------------------
-# state-dict hooks: only the fusion module is saved; released checkpoints load unchanged.
-_FROZEN_CHILDREN = ("sam.", "clip.")
-
-
-def _drop_frozen_from_state_dict(module, state_dict, prefix, local_metadata):
-    for k in [k for k in state_dict if k.startswith(tuple(prefix + c for c in _FROZEN_CHILDREN))]:
-        del state_dict[k]
-
-
-def _remember_prefix(module, state_dict, prefix, *args):
-    # The post-hook is not told the prefix.
-    module._load_prefix = prefix
-
-
-def _quiet_frozen_keys(module, incompatible_keys):
-    """SAM/CLIP are never in checkpoints: their parameters are not 'missing'."""
-    frozen = tuple(getattr(module, "_load_prefix", "") + c for c in _FROZEN_CHILDREN)
-    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(frozen)]
