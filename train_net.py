@@ -12,13 +12,13 @@ import weakref
 from collections import OrderedDict
 
 import detectron2.utils.comm as comm
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator, verify_results
 
 import regionspot  # noqa: F401  (registers the meta-architecture, head and datasets)
-from regionspot import RegionSpotCheckpointer, add_regionspot_config
+from regionspot import RegionSpotCheckpointer
+from regionspot.config import get_regionspot_cfg
 from regionspot.data import build_regionspot_test_loader, build_regionspot_train_loader
 from regionspot.modeling import load_head_weights
 from regionspot.data.multi_dataset import dataset_class_names, local_main_process_first, register_training_vocabularies
@@ -96,10 +96,7 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_regionspot_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

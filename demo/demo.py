@@ -212,16 +212,12 @@ def _output_name(path, used):
 # ---------------------------------------------------------------------------------------------
 # Models
 def setup_cfg(args, vocabulary):
-    from detectron2.config import get_cfg
+    from regionspot.config import get_regionspot_cfg
 
-    from regionspot import add_regionspot_config
-
-    if not os.path.isfile(args.config_file):
-        raise UsageError(f"--config-file not found: {args.config_file}")
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(args.opts))
+    try:
+        cfg = get_regionspot_cfg(args.config_file, args.opts)
+    except FileNotFoundError as e:
+        raise UsageError(str(e))
     if args.cpu:
         cfg.MODEL.DEVICE = "cpu"
     # The model is built with the demo's vocabulary directly (no encoding of the config's dataset).

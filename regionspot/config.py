@@ -138,3 +138,24 @@ def add_regionspot_config(cfg):
     # Optimizer of the fusion module: "ADAMW" (the authors' recipe) or "SGD" (detectron2's default).
     _C.SOLVER.OPTIMIZER = "ADAMW"
     return cfg
+
+
+def get_regionspot_cfg(config_file: str = "", opts=()):
+    """
+    detectron2's default config with the RegionSpot namespace, a YAML recipe and KEY VALUE overrides
+    merged in, not frozen.
+
+    Raises:
+        FileNotFoundError: ``config_file`` does not exist (its path is named).
+    """
+    import os
+
+    from detectron2.config import get_cfg
+
+    cfg = add_regionspot_config(get_cfg())
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"Config file not found: {config_file!r} (--config-file).")
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg

@@ -7,7 +7,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import regionspot
-from conftest import REPO_ROOT, tiny_cfg
+from conftest import REPO_ROOT, TINY_CONFIG as TINY_CONFIG_PATH, tiny_cfg
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.yaml")) + glob.glob(os.path.join(REPO_ROOT, "projects", "**", "*.yaml"), recursive=True))
 
@@ -46,3 +46,11 @@ def test_bad_settings_fail_clearly():
         build_model(tiny_cfg("MODEL.REGIONSPOT.SCORING", "max"))
     with pytest.raises(ValueError, match="CUSTOM_VOCABULARY is empty"):
         build_model(tiny_cfg("MODEL.REGIONSPOT.VOCABULARY", "custom"))
+
+
+def test_missing_config_file_is_named(tmp_path):
+    from regionspot.config import get_regionspot_cfg
+
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        get_regionspot_cfg(str(tmp_path / "nope.yaml"))
+    assert get_regionspot_cfg(TINY_CONFIG_PATH, ["SOLVER.MAX_ITER", "7"]).SOLVER.MAX_ITER == 7

@@ -83,22 +83,19 @@ def main(argv=None):
 
     import numpy as np
     import torch
-    from detectron2.config import get_cfg
     from detectron2.utils.logger import setup_logger
 
-    from regionspot import add_regionspot_config
+    from regionspot.config import get_regionspot_cfg
     from regionspot.modeling.clip_features import ClipDenseFeatures, build_clip
     from regionspot.modeling.text_embeddings import PROMPT_TEMPLATES, TextEmbeddingCache
 
     setup_logger(name="regionspot")
     if args.output and not args.output.endswith((".pt", ".npy")):
         raise SystemExit(f"--output {args.output!r}: use a .pt or .npy file name.")
-    if not os.path.isfile(args.config_file):
-        raise SystemExit(f"--config-file not found: {args.config_file}")
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(args.opts))
+    try:
+        cfg = get_regionspot_cfg(args.config_file, args.opts)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e))
     cfg.freeze()
     rs = cfg.MODEL.REGIONSPOT
 

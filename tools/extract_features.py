@@ -63,16 +63,12 @@ def get_parser():
 
 
 def setup_cfg(args):
-    from detectron2.config import get_cfg
+    from regionspot.config import get_regionspot_cfg
 
-    from regionspot import add_regionspot_config
-
-    if not os.path.isfile(args.config_file):
-        raise SystemExit(f"--config-file not found: {args.config_file}")
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(args.opts))
+    try:
+        cfg = get_regionspot_cfg(args.config_file, args.opts)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e))
     cfg.freeze()
     return cfg
 

@@ -17,7 +17,6 @@ import sys
 import cv2
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
@@ -26,7 +25,7 @@ from detectron2.utils.visualizer import Visualizer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train_net import Trainer  # noqa: E402
 
-import regionspot  # noqa: E402
+from regionspot.config import get_regionspot_cfg  # noqa: E402
 
 logger = logging.getLogger("regionspot.quickstart")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "RegionSpot-tiny_shapes.yaml")
@@ -79,10 +78,7 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     setup_logger(output=args.output_dir, name="detectron2", abbrev_name="d2")
     setup_logger(output=args.output_dir, name="regionspot")
-    cfg = get_cfg()
-    regionspot.add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_regionspot_cfg(args.config_file, args.opts)
     cfg.OUTPUT_DIR = args.output_dir
     cfg.freeze()
     torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)
