@@ -171,17 +171,20 @@ class ClipDenseFeatures(FrozenModule):
         return x / 255.0
 
     @torch.no_grad()
-    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
+    def dense_features(self, images: torch.Tensor, preprocessed: bool = False) -> torch.Tensor:
         """
         Args:
-            images: [B, 3, H, W] RGB float in [0, 1] (see :meth:`image_to_tensor`).
+            images: [B, 3, H, W] RGB float in [0, 1] (see :meth:`image_to_tensor`), or, with
+                ``preprocessed``, the [B, 3, S, S] output of :meth:`preprocess` (images of
+                different sizes are preprocessed one by one, then stacked).
 
         Returns:
             [B, 1 + G*G, D_v] token sequence of the last transformer block.
         """
         visual = self.model.visual
         dtype = visual.conv1.weight.dtype
-        x = self.preprocess(images.to(self.device)).to(dtype)
+        x = images.to(self.device) if preprocessed else self.preprocess(images.to(self.device))
+        x = x.to(dtype)
         with self.autocast():
             x = visual.conv1(x)
             x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)

@@ -304,6 +304,23 @@ class RegionSpotROIHeads(nn.Module):
         features = self.clip.dense_features(self.clip.image_to_tensor(image))
         return state, features
 
+    def encode_images(self, images: Sequence[np.ndarray]) -> Tuple[List[SamImageState], torch.Tensor]:
+        """
+        Several images through each frozen encoder in one batch.
+
+        Args:
+            images: [H_i, W_i, 3] uint8 RGB images.
+
+        Returns:
+            SAM's image states and CLIP's [B, L, D_v] feature maps.
+        """
+        if len(images) == 1:
+            state, features = self.encode_image(images[0])
+            return [state], features
+        states = self.sam.encode_images(images)
+        clip_views = [self.clip.preprocess(self.clip.image_to_tensor(im)) for im in images]
+        return states, self.clip.dense_features(torch.cat(clip_views), preprocessed=True)
+
     def region_embeddings(self, tokens: torch.Tensor, clip_features: torch.Tensor, padding_mask=None) -> torch.Tensor:
         """[B, N, token_dim] tokens + [B, L, D_v] features -> [B, N, D_t] region embeddings."""
         return self.fusion(tokens, clip_features, padding_mask)
@@ -341,11 +358,12 @@ class RegionSpotROIHeads(nn.Module):
         if self.training:
             assert targets is not None, "RegionSpotROIHeads needs targets in training."
             return [], self.losses(images, targets)
-        results = []
-        for i, props in enumerate(proposals):
-            h, w = images.image_sizes[i]
-            rgb = self.image_to_rgb_uint8(images.tensor[i, :, :h, :w])
-            results.append(self.recognize(rgb, props))
+        rgbs = [self.image_to_rgb_uint8(images.tensor[i, :, :h, :w]) for i, (h, w) in enumerate(images.image_sizes)]
+        states, clip_features = self.encode_images(rgbs) if rgbs else ([], None)
+        results = [
+            self.recognize(rgb, props, encoded=(states[i], clip_features[i : i + 1]))
+            for i, (rgb, props) in enumerate(zip(rgbs, proposals))
+        ]
         return results, {}
 
     def forward_with_given_boxes(self, images: ImageList, instances: List[Instances]) -> List[Instances]:
@@ -360,7 +378,9 @@ class RegionSpotROIHeads(nn.Module):
         return results
 
     @torch.no_grad()
-    def recognize(self, image: np.ndarray, regions: Instances, per_region: bool = False) -> Instances:
+    def recognize(
+        self, image: np.ndarray, regions: Instances, per_region: bool = False, encoded=None
+    ) -> Instances:
         """
         Recognise the regions of one image.
 
@@ -369,6 +389,7 @@ class RegionSpotROIHeads(nn.Module):
             regions: ``proposal_boxes`` and optional ``objectness_logits``, ``point_coords``,
                 ``point_labels`` (N regions).
             per_region: one detection per region in the given order (no top-k, no threshold).
+            encoded: the image's (SAM state, [1, L, D_v] CLIP features) when already computed.
 
         Returns:
             Instances of size (H, W) with ``pred_boxes``, ``scores``, ``pred_classes``,
@@ -376,7 +397,7 @@ class RegionSpotROIHeads(nn.Module):
             ``to_bitmasks(None, H, W)``; detectron2's ``detector_postprocess`` does).
         """
         image_size = tuple(image.shape[:2])
-        state, clip_features = self.encode_image(image)
+        state, clip_features = encoded if encoded is not None else self.encode_image(image)
         boxes = regions.proposal_boxes.tensor if regions.has("proposal_boxes") else None
         points = regions.point_coords if regions.has("point_coords") else None
         labels = regions.point_labels if regions.has("point_labels") else None
@@ -419,16 +440,14 @@ class RegionSpotROIHeads(nn.Module):
         dataset) for every GT region: summed over classes, averaged over an image's regions,
         summed over images. Images without boxes add zero.
         """
-        tokens, feats, labels = [], [], []
-        for i, t in enumerate(targets):
-            h, w = images.image_sizes[i]
-            rgb = self.image_to_rgb_uint8(images.tensor[i, :, :h, :w])
-            state, clip_features = self.encode_image(rgb)
-            out = self.sam.decode_prompts(state, t.gt_boxes.tensor, with_masks=False, chunk_size=self.prompt_chunk_size)
-            tokens.append(out.tokens)
-            feats.append(clip_features[0])
-            labels.append(t.gt_classes.to(clip_features.device))
-        return {"loss_region_cls": self.loss_from_tokens(tokens, torch.stack(feats), labels, vocabulary)}
+        rgbs = [self.image_to_rgb_uint8(images.tensor[i, :, :h, :w]) for i, (h, w) in enumerate(images.image_sizes)]
+        states, clip_features = self.encode_images(rgbs)
+        tokens = [
+            self.sam.decode_prompts(state, t.gt_boxes.tensor, with_masks=False, chunk_size=self.prompt_chunk_size).tokens
+            for state, t in zip(states, targets)
+        ]
+        labels = [t.gt_classes.to(clip_features.device) for t in targets]
+        return {"loss_region_cls": self.loss_from_tokens(tokens, clip_features, labels, vocabulary)}
 
     def loss_from_tokens(
         self,

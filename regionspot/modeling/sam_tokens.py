@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -181,14 +181,32 @@ class SamRegionTokens(FrozenModule):
         Returns:
             SamImageState with the [1, C, g, g] embedding.
         """
-        original_size = tuple(image.shape[:2])
-        resized = self.transform.apply_image(image)
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        input_size = tuple(x.shape[-2:])
-        x = self.sam.preprocess(x.float())
+        return self.encode_images([image])[0]
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[np.ndarray]) -> List[SamImageState]:
+        """
+        Run the image encoder once on a batch of images (each resized, normalised and padded to
+        SAM's square input as by :meth:`encode_image`).
+
+        Args:
+            images: [H_i, W_i, 3] uint8 RGB images.
+
+        Returns:
+            one SamImageState per image.
+        """
+        batch, sizes = [], []
+        for image in images:
+            resized = self.transform.apply_image(image)
+            x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
+            sizes.append((tuple(image.shape[:2]), tuple(x.shape[-2:])))
+            batch.append(self.sam.preprocess(x[None].float()))
         with self.autocast():
-            embedding = self.sam.image_encoder(x)
-        return SamImageState(embedding=embedding.float(), input_size=input_size, original_size=original_size)
+            embeddings = self.sam.image_encoder(torch.cat(batch)).float()
+        return [
+            SamImageState(embedding=embeddings[i : i + 1], input_size=input_size, original_size=original_size)
+            for i, (original_size, input_size) in enumerate(sizes)
+        ]
 
     def _prompts_to_sam_frame(self, state: SamImageState, boxes, points, point_labels):
         sam_boxes = sam_points = None
