@@ -91,6 +91,10 @@ def add_regionspot_config(cfg):
     # Region prompts decoded by SAM's mask decoder at once (bounds memory for many boxes: each
     # prompt carries its own copy of the 64x64x256 image tokens through the decoder).
     rs.PROMPT_CHUNK_SIZE = 32
+    # With at least this many prompts in an image, masks are decoded in a second pass for the
+    # regions that survive scoring only, instead of keeping every region's mask logits (memory then
+    # stays flat as the prompts grow; each kept region is decoded twice). 0 disables the second pass.
+    rs.MASK_SECOND_PASS_MIN_PROMPTS = 400
 
     # Focal loss of training (reference: alpha 0.25, gamma 2).
     rs.FOCAL_ALPHA = 0.25

@@ -44,3 +44,25 @@ def test_batched_forward_and_loss_equal_per_image(photo):
     both = head.losses(batch, targets)["loss_region_cls"]
     one_by_one = sum(head.losses(ImageList.from_tensors([t]), [tg])["loss_region_cls"] for t, tg in zip(tensors, targets))
     torch.testing.assert_close(both, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_second_pass_equals_one_pass(photo):
+    """Masks decoded again for the surviving regions only equal the masks kept from one pass."""
+    torch.manual_seed(0)
+    one = build_model(tiny_cfg("MODEL.REGIONSPOT.MASK_SECOND_PASS_MIN_PROMPTS", 0, "MODEL.REGIONSPOT.TOPK", 5)).eval()
+    two = build_model(tiny_cfg("MODEL.REGIONSPOT.MASK_SECOND_PASS_MIN_PROMPTS", 1, "MODEL.REGIONSPOT.TOPK", 5)).eval()
+    two.load_state_dict(one.state_dict())
+    rng = np.random.RandomState(0)
+    xy = rng.rand(12, 2) * 150
+    boxes = torch.as_tensor(np.concatenate([xy, xy + 20 + rng.rand(12, 2) * 60], axis=1), dtype=torch.float32)
+    points = torch.as_tensor(rng.rand(12, 1, 2) * 150, dtype=torch.float32)
+    for regions in (
+        Instances(photo.shape[:2], proposal_boxes=Boxes(boxes)),
+        Instances(photo.shape[:2], point_coords=points, point_labels=torch.ones(12, 1, dtype=torch.long)),
+    ):
+        a, b = one.roi_heads.recognize(photo, regions), two.roi_heads.recognize(photo, regions)
+        assert len(a) == 5 and len(b) == 5
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=0)
+        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+        assert torch.equal(a.pred_masks.to_bitmasks(None, *photo.shape[:2]).tensor,
+                           b.pred_masks.to_bitmasks(None, *photo.shape[:2]).tensor)

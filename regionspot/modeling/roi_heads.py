@@ -131,6 +131,7 @@ class RegionSpotROIHeads(nn.Module):
         use_box_scores: bool = True,
         mask_on: bool = True,
         prompt_chunk_size: int = 32,
+        mask_second_pass_min_prompts: int = 0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         text_cache: Optional[TextEmbeddingCache] = None,
@@ -146,6 +147,8 @@ class RegionSpotROIHeads(nn.Module):
             use_box_scores: multiply probabilities by sigmoid(``objectness_logits``) when present.
             mask_on: predict SAM masks.
             prompt_chunk_size: prompts decoded by SAM at once.
+            mask_second_pass_min_prompts: from this many prompts on, masks are decoded again for
+                the surviving regions only instead of kept for all (0: never).
             focal_alpha, focal_gamma: training loss.
             text_cache: cache of vocabulary embeddings.
             text_batch_size: sentences per text-tower forward.
@@ -170,6 +173,7 @@ class RegionSpotROIHeads(nn.Module):
         self.use_box_scores = use_box_scores
         self.mask_on = mask_on
         self.prompt_chunk_size = prompt_chunk_size
+        self.mask_second_pass_min_prompts = mask_second_pass_min_prompts
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.text_cache = text_cache or TextEmbeddingCache()
@@ -218,6 +222,7 @@ class RegionSpotROIHeads(nn.Module):
             "use_box_scores": rs.USE_BOX_SCORES,
             "mask_on": rs.MASK_ON,
             "prompt_chunk_size": rs.PROMPT_CHUNK_SIZE,
+            "mask_second_pass_min_prompts": rs.MASK_SECOND_PASS_MIN_PROMPTS,
             "focal_alpha": rs.FOCAL_ALPHA,
             "focal_gamma": rs.FOCAL_GAMMA,
             "text_cache": TextEmbeddingCache(rs.TEXT_CACHE_DIR or None),
@@ -401,8 +406,11 @@ class RegionSpotROIHeads(nn.Module):
         boxes = regions.proposal_boxes.tensor if regions.has("proposal_boxes") else None
         points = regions.point_coords if regions.has("point_coords") else None
         labels = regions.point_labels if regions.has("point_labels") else None
+        num_prompts = len(boxes) if boxes is not None else (len(points) if points is not None else 0)
+        second_pass = self.mask_on and 0 < self.mask_second_pass_min_prompts <= num_prompts
         sam_out = self.sam.decode_prompts(
-            state, boxes, points, labels, with_masks=self.mask_on, chunk_size=self.prompt_chunk_size
+            state, boxes, points, labels, with_masks=self.mask_on and not second_pass,
+            chunk_size=self.prompt_chunk_size,
         )
         logits = self.logits(self.region_embeddings(sam_out.tokens[None], clip_features)[0])
         probs = logits.softmax(dim=-1)
@@ -418,9 +426,9 @@ class RegionSpotROIHeads(nn.Module):
             )
         out = Instances(image_size)
         boxes_from_masks = boxes is None and self.mask_on
-        if boxes is None:  # point prompts only: boxes of the predicted masks when masks are on
-            boxes = torch.zeros(len(probs), 4, device=probs.device)
-        out.pred_boxes = Boxes(boxes.to(probs.device)[region_idx])
+        # Point prompts only: the boxes of the predicted masks when masks are on (zeros otherwise).
+        out_boxes = torch.zeros(len(probs), 4, device=probs.device) if boxes is None else boxes.to(probs.device)
+        out.pred_boxes = Boxes(out_boxes[region_idx])
         out.scores = scores
         out.pred_classes = classes
         out.mask_scores = sam_out.mask_scores[region_idx]
@@ -428,7 +436,18 @@ class RegionSpotROIHeads(nn.Module):
             # Kept lazily as SAM logits of the surviving regions only: each region's mask is
             # up-sampled once, at the output size, however many classes it was kept with.
             kept, index = torch.unique(region_idx, return_inverse=True)
-            out.pred_masks = SamMasks(sam_out.low_res_masks[kept], index, self.sam.sam, state.input_size)
+            if second_pass:  # SAM decodes each prompt on its own: a subset gives the same masks
+                low_res = self.sam.decode_prompts(
+                    state,
+                    None if boxes is None else boxes[kept],
+                    None if points is None else points[kept],
+                    None if labels is None else labels[kept],
+                    with_masks=True,
+                    chunk_size=self.prompt_chunk_size,
+                ).low_res_masks
+            else:
+                low_res = sam_out.low_res_masks[kept]
+            out.pred_masks = SamMasks(low_res, index, self.sam.sam, state.input_size)
             if boxes_from_masks:
                 out.pred_boxes = out.pred_masks.to_bitmasks(None, *image_size).get_bounding_boxes()
         return out
