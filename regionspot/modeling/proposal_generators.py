@@ -21,27 +21,15 @@ from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
 
 from .frozen import keep_out_of_checkpoints
+from .roi_heads import images_to_rgb_uint8
 from .sam_tokens import build_sam
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SamAutomaticProposals", "amg_masks_to_proposals", "images_to_rgb_uint8"]
+__all__ = ["SamAutomaticProposals", "amg_masks_to_proposals"]
 
 # Predicted IoUs are clamped into (EPS, 1 - EPS) before the logit.
 _EPS = 1e-4
-
-
-def images_to_rgb_uint8(
-    images: ImageList, pixel_mean: torch.Tensor, pixel_std: torch.Tensor, input_format: str
-) -> List[np.ndarray]:
-    """Each image of a normalised, padded batch as [h, w, 3] uint8 RGB numpy, cropped to its size."""
-    out = []
-    for i, (h, w) in enumerate(images.image_sizes):
-        x = images.tensor[i, :, :h, :w] * pixel_std.to(images.tensor) + pixel_mean.to(images.tensor)
-        if input_format == "BGR":
-            x = x.flip(0)
-        out.append(x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy())
-    return out
 
 
 def amg_masks_to_proposals(

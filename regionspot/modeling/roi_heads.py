@@ -28,7 +28,7 @@ from .text_embeddings import PROMPT_TEMPLATES, TextEmbeddingCache
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RegionSpotROIHeads", "select_detections", "vocabulary_from_config"]
+__all__ = ["RegionSpotROIHeads", "images_to_rgb_uint8", "select_detections", "vocabulary_from_config"]
 
 SCORING_MODES = ("topk_pairs", "per_region")
 
@@ -57,6 +57,19 @@ def vocabulary_from_config(cfg, required: bool = True) -> List[str]:
     if not classes:
         raise ValueError(f"Dataset {names[0]!r} has no thing_classes in its metadata to use as vocabulary.")
     return list(classes)
+
+
+def images_to_rgb_uint8(
+    images: ImageList, pixel_mean: torch.Tensor, pixel_std: torch.Tensor, input_format: str
+) -> List[np.ndarray]:
+    """Each image of a normalised, padded batch as [h, w, 3] uint8 RGB numpy, cropped to its size."""
+    out = []
+    for i, (h, w) in enumerate(images.image_sizes):
+        x = images.tensor[i, :, :h, :w] * pixel_std.to(images.tensor) + pixel_mean.to(images.tensor)
+        if input_format == "BGR":
+            x = x.flip(0)
+        out.append(x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+    return out
 
 
 def select_detections(
@@ -292,10 +305,11 @@ class RegionSpotROIHeads(nn.Module):
     # Per-image building blocks (shared by forward and the predictor)
     def image_to_rgb_uint8(self, image: torch.Tensor) -> np.ndarray:
         """[3, H, W] normalised tensor in ``input_format`` -> [H, W, 3] uint8 RGB numpy."""
-        x = image * self.pixel_std + self.pixel_mean
-        if self.input_format == "BGR":
-            x = x.flip(0)
-        return x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        return self.images_to_rgb_uint8(ImageList(image[None], [tuple(image.shape[-2:])]))[0]
+
+    def images_to_rgb_uint8(self, images: ImageList) -> List[np.ndarray]:
+        """The batch's images un-normalised, as [h, w, 3] uint8 RGB numpy cropped to their sizes."""
+        return images_to_rgb_uint8(images, self.pixel_mean, self.pixel_std, self.input_format)
 
     def encode_image(self, image: np.ndarray) -> Tuple[SamImageState, torch.Tensor]:
         """
@@ -363,7 +377,7 @@ class RegionSpotROIHeads(nn.Module):
         if self.training:
             assert targets is not None, "RegionSpotROIHeads needs targets in training."
             return [], self.losses(images, targets)
-        rgbs = [self.image_to_rgb_uint8(images.tensor[i, :, :h, :w]) for i, (h, w) in enumerate(images.image_sizes)]
+        rgbs = self.images_to_rgb_uint8(images)
         states, clip_features = self.encode_images(rgbs) if rgbs else ([], None)
         results = [
             self.recognize(rgb, props, encoded=(states[i], clip_features[i : i + 1]))
@@ -374,9 +388,7 @@ class RegionSpotROIHeads(nn.Module):
     def forward_with_given_boxes(self, images: ImageList, instances: List[Instances]) -> List[Instances]:
         """Classify known boxes (``pred_boxes``): one output per given box, in the given order."""
         results = []
-        for i, inst in enumerate(instances):
-            h, w = images.image_sizes[i]
-            rgb = self.image_to_rgb_uint8(images.tensor[i, :, :h, :w])
+        for rgb, inst in zip(self.images_to_rgb_uint8(images), instances):
             props = Instances(inst.image_size)
             props.proposal_boxes = inst.pred_boxes
             results.append(self.recognize(rgb, props, per_region=True))
@@ -459,7 +471,7 @@ class RegionSpotROIHeads(nn.Module):
         dataset) for every GT region: summed over classes, averaged over an image's regions,
         summed over images. Images without boxes add zero.
         """
-        rgbs = [self.image_to_rgb_uint8(images.tensor[i, :, :h, :w]) for i, (h, w) in enumerate(images.image_sizes)]
+        rgbs = self.images_to_rgb_uint8(images)
         states, clip_features = self.encode_images(rgbs)
         tokens = [
             self.sam.decode_prompts(state, t.gt_boxes.tensor, with_masks=False, chunk_size=self.prompt_chunk_size).tokens
