@@ -139,3 +139,56 @@ def test_benchmark_skip_reference_above(tmp_path):
     assert r["agreement"] is None
     assert "reference_skipped" in r
     assert sorted(m["mode"] for m in data["memory"]) == sorted(MEMORY_MODES[1:])
+
+
+def test_benchmark_reduced_precision_and_throughput(tmp_path):
+    """
+    --precision bf16: ours under autocast against the fp32 reference (differences reported, not held to
+    the fp32 tolerance); --batch-images: images/s of the evaluation forward with 1 and 2 images per call.
+    """
+    out_json = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, BENCHMARK,
+        "--variants", "tiny",
+        "--num-boxes", "3",
+        "--precision", "bf16",
+        "--batch-images", "1", "2",
+        "--no-memory",
+        "--repeats", "1",
+        "--warmup", "0",
+        "--threads", "1",
+        "--cache-dir", str(tmp_path / "text_cache"),
+        "--output-json", str(out_json),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, f"benchmark failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert "images/s" in proc.stdout and "top-1 class agreement" in proc.stdout
+    data = json.loads(out_json.read_text())
+
+    (r,) = data["results"]
+    assert "error" not in r, r
+    assert r["precision"] == "bf16"
+    a = r["agreement"]
+    assert a["precision"] == "bf16"
+    assert a["logits_within_tolerance"] is None  # the fp32 tolerance is not applied to bf16
+    diff = a["logits_max_abs_diff_max"]
+    # bf16 has an 8-bit mantissa: the logits differ, but stay of the order of its rounding.
+    assert 0.0 < diff < 0.05 * max(1.0, a["logits_abs_max_reference"]), a
+    assert 0.0 <= a["top1_class_agreement_cls_only"] <= 1.0
+
+    (t,) = data["throughput"]
+    assert "error" not in t, t
+    assert t["kind"] == "throughput" and t["precision"] == "bf16" and t["num_boxes"] == 3
+    assert [b["images_per_call"] for b in t["batches"]] == [1, 2]
+    for b in t["batches"]:
+        assert b["call_s"] > 0.0
+        assert abs(b["images_per_s"] - b["images_per_call"] / b["call_s"]) < 1e-9
+    assert t["batches"][0]["images_per_s_vs_first"] == 1.0
+
+
+def test_benchmark_bad_arguments():
+    for bad in (["--batch-images", "0"], ["--precision", "int8"]):
+        proc = subprocess.run([sys.executable, BENCHMARK, *bad], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert proc.returncode == 2, (bad, proc.stderr)
+        assert bad[0] in proc.stderr, proc.stderr

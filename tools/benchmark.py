@@ -51,6 +51,15 @@ size (VmHWM): after the build the kernel's high-water mark is reset (``/proc/sel
 rss_after_build_mb``; where the reset is not possible the peak is the whole process's
 (``peak_rss_reset: false``). On CUDA ``torch.cuda.max_memory_allocated`` after a reset.
 
+Precision (``--precision fp32 bf16 fp16``): one comparison job per precision, with our pipelines'
+frozen SAM and CLIP under autocast (``MODEL.REGIONSPOT.FROZEN_PRECISION``) and the reference always
+in fp32, so the speed-up is over the fp32 baseline. In fp16/bf16 the logits are not held to
+``--logits-tol``: the table reports their max difference and the top-1 class agreement instead.
+
+Throughput (``--batch-images 1 4 8``): images per second of the model's evaluation forward
+(``model(batched_inputs)``) with B images per call, SAM's and CLIP's encoders running once per call
+on all B images; one job per variant, N and precision.
+
 Start-up (``--startup``): the time to get the text embeddings of the LVIS vocabulary (1203 names,
 81 prompt templates) from the cache vs encoding them. Encoding all 1203 x 81 sentences at real size
 takes hours on a small CPU, so it is extrapolated linearly from K classes (``--startup-classes``);
@@ -68,6 +77,9 @@ Examples::
         --cache-dir output/benchmark_text_cache --output-json output/benchmark_memory.json
     # start-up: text embeddings of the LVIS vocabulary, cache hit vs encoding
     python tools/benchmark.py --variants BB BL --skip-compare --startup --startup-classes 40
+    # GPU: fp32 / bf16 / fp16 against the fp32 baseline, and images/s with 1, 4 and 8 images per call
+    python tools/benchmark.py --device cuda --variants BB BL --num-boxes 10 100 --precision fp32 bf16 fp16 \
+        --batch-images 1 4 8 --repeats 5 --warmup 2 --output-json output/benchmark_gpu.json --markdown
     # quick smoke run with the tiny models
     python tools/benchmark.py --variants tiny --num-boxes 0 1 3 --repeats 1 --warmup 0
 """
@@ -229,7 +241,7 @@ def lvis_vocabulary():
 
 # ---------------------------------------------------------------------------------------------
 # Worker helpers
-def build_cfg(variant: str, device: str, cache_dir: str, vocabulary, fast_path: bool = True):
+def build_cfg(variant: str, device: str, cache_dir: str, vocabulary, fast_path: bool = True, precision: str = "fp32"):
     from detectron2.config import get_cfg
 
     from regionspot import add_regionspot_config
@@ -243,6 +255,7 @@ def build_cfg(variant: str, device: str, cache_dir: str, vocabulary, fast_path: 
         "MODEL.REGIONSPOT.RANDOM_INIT_FROZEN", True,
         "MODEL.REGIONSPOT.SAM.WEIGHTS", "",
         "MODEL.REGIONSPOT.SAM.FAST_PATH", bool(fast_path),
+        "MODEL.REGIONSPOT.FROZEN_PRECISION", precision,
         "MODEL.REGIONSPOT.CLIP.WEIGHTS", "",
         "MODEL.REGIONSPOT.VOCABULARY", "custom",
         "MODEL.REGIONSPOT.CUSTOM_VOCABULARY", list(vocabulary),
@@ -392,7 +405,7 @@ class ReferencePipeline:
         n = len(boxes_np)
         with rec.phase("sam_encoder"):
             predictor.set_image(image)  # ResizeLongestSide + preprocess + stock image encoder
-        with rec.phase("clip"):
+        with rec.phase("clip"), _fp32(head.clip):
             feats = head.clip.dense_features(head.clip.image_to_tensor(image))
         with rec.phase("mask_decoder"):
             if n:
@@ -419,6 +432,17 @@ class ReferencePipeline:
             logits = head.logits(head.region_embeddings(tokens[None], feats)[0])
             probs = logits.softmax(dim=-1)
         return {"logits": logits, "probs": probs, "masks": masks}
+
+
+@contextlib.contextmanager
+def _fp32(frozen_module):
+    """Run a frozen module in fp32 whatever its FROZEN_PRECISION (the reference is the fp32 baseline)."""
+    saved = frozen_module.precision
+    frozen_module.precision = "fp32"
+    try:
+        yield
+    finally:
+        frozen_module.precision = saved
 
 
 def _summarise_runs(runs):
@@ -451,7 +475,8 @@ def _prepare(spec, fast_path: bool):
     image, image_desc = load_image(spec["image"], spec["seed"])
     height, width = image.shape[:2]
     boxes_np = random_boxes(spec["num_boxes"], height, width, spec["seed"])
-    cfg = build_cfg(spec["variant"], device, spec["cache_dir"], spec["vocabulary"], fast_path)
+    precision = spec.get("precision", "fp32")
+    cfg = build_cfg(spec["variant"], device, spec["cache_dir"], spec["vocabulary"], fast_path, precision)
 
     cache_before = set(os.listdir(spec["cache_dir"])) if os.path.isdir(spec["cache_dir"]) else set()
     # The build includes the vocabulary's text embeddings (read from the cache, or encoded by
@@ -490,6 +515,7 @@ def _prepare(spec, fast_path: bool):
         "clip_type": cfg.MODEL.REGIONSPOT.CLIP.TYPE,
         "clip_input_size": cfg.MODEL.REGIONSPOT.CLIP.INPUT_SIZE,
         "num_boxes": spec["num_boxes"],
+        "precision": precision,
         "num_classes": head.num_classes,
         "detections_per_image": head.detections_per_image,
         "topk": head.topk,
@@ -584,8 +610,21 @@ def _pixel_disagreement(a, b):
     return diff / a.numel(), diff
 
 
-def agreement(outputs: dict, num_boxes: int, tol: float) -> dict:
-    """Reference vs ours on the outputs of one round."""
+def _top1_agreement(a, b) -> float:
+    """Fraction of regions whose highest-scoring class is the same in two [N, C] logit tensors."""
+    if a is None or b is None:
+        return float("nan")
+    if a.shape[0] == 0:
+        return 1.0
+    return float((a.argmax(dim=-1) == b.argmax(dim=-1)).float().mean().item())
+
+
+def agreement(outputs: dict, num_boxes: int, tol: float, precision: str = "fp32") -> dict:
+    """
+    Reference (fp32) vs ours on the outputs of one round. The logits tolerance is checked in fp32
+    only; with reduced-precision frozen models (fp16/bf16) the differences are reported, and
+    ``logits_within_tolerance`` is None.
+    """
     ref = outputs["reference"]
     ref_logits = ref["logits"]
     ev, pr, cl = outputs["ours_eval_masks"], outputs["ours_predictor_masks"], outputs["ours_cls_only"]
@@ -596,10 +635,13 @@ def agreement(outputs: dict, num_boxes: int, tol: float) -> dict:
     }
     worst = max(diffs.values())
     out = {
+        "precision": precision,
         "logits_max_abs_diff": diffs,
         "logits_max_abs_diff_max": worst,
         "logits_tolerance": tol,
-        "logits_within_tolerance": bool(worst < tol),  # False for NaN too
+        # False for NaN too; None (not checked) in reduced precision.
+        "logits_within_tolerance": bool(worst < tol) if precision == "fp32" else None,
+        "top1_class_agreement_cls_only": _top1_agreement(cl["logits"], ref_logits),
         "logits_abs_max_reference": float(ref_logits.abs().max().item()) if num_boxes else 0.0,
         "probs_max_abs_diff_cls_only": _max_abs_diff(cl["scores"], ref["probs"]),
     }
@@ -699,7 +741,7 @@ def run_compare_worker(spec: dict) -> dict:
         summary["speedup_vs_reference"] = (ref_total / summary["total_ms"]) if ref_total and summary["total_ms"] > 0 else None
     if run_reference:
         with torch.inference_mode():
-            result["agreement"] = agreement(outputs, n, spec["logits_tol"])
+            result["agreement"] = agreement(outputs, n, spec["logits_tol"], info["precision"])
     else:
         result["agreement"] = None
     result.update(legacy_phases(result["modes"]))
@@ -855,7 +897,63 @@ def run_startup_worker(spec: dict) -> dict:
     return r
 
 
-WORKERS = {"compare": run_compare_worker, "memory": run_memory_worker, "startup": run_startup_worker}
+def run_throughput_worker(spec: dict) -> dict:
+    """
+    Images per second of the model's evaluation forward (``model(batched_inputs)``, the call
+    detectron2's ``inference_on_dataset`` makes) with B images per call, so that SAM's and CLIP's
+    image encoders each run once per call on all B images. Every image is the benchmark image with
+    the same N boxes as GT boxes (BOX_SOURCE "GT"); the model's postprocess materialises the kept
+    detections' masks at image size, as an evaluator reads them.
+    """
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    ctx = _prepare(spec, fast_path=True)
+    model, image, sync, info = ctx["predictor"].model, ctx["image"], ctx["sync"], ctx["info"]
+    height, width = image.shape[:2]
+    pixels = image if ctx["cfg"].INPUT.FORMAT == "RGB" else image[:, :, ::-1]
+    tensor = torch.as_tensor(pixels.transpose(2, 0, 1).copy())
+    gt = Instances((height, width))
+    gt.gt_boxes = Boxes(ctx["boxes"].clone())
+    gt.gt_classes = torch.zeros(len(gt), dtype=torch.int64)
+
+    def one_call(batch_size):
+        batch = [{"image": tensor, "height": height, "width": width, "instances": gt} for _ in range(batch_size)]
+        sync()
+        start = time.perf_counter()
+        outputs = model(batch)  # the postprocess materialises the kept detections' masks
+        sync()
+        return time.perf_counter() - start, outputs
+
+    result = {"kind": "throughput", **info, "repeats": spec["repeats"], "warmup": spec["warmup"], "batches": []}
+    with torch.inference_mode():
+        for batch_size in spec["batch_images"]:
+            for _ in range(spec["warmup"]):
+                one_call(batch_size)
+            seconds = [one_call(batch_size)[0] for _ in range(spec["repeats"])]
+            median = statistics.median(seconds)
+            result["batches"].append({
+                "images_per_call": batch_size,
+                "call_s_runs": seconds,
+                "call_s": median,
+                "images_per_s": batch_size / median,
+            })
+            logger.info("%s N=%d %s: %d image(s) per call, %.2f images/s", spec["variant"], spec["num_boxes"],
+                        info["precision"], batch_size, batch_size / median)
+    base = result["batches"][0]["images_per_s"]
+    for b in result["batches"]:
+        b["images_per_s_vs_first"] = b["images_per_s"] / base
+    if ctx["is_cuda"]:
+        result["gpu_peak_mb"] = torch.cuda.max_memory_allocated(torch.device(info["device"])) / 2**20
+    return result
+
+
+WORKERS = {
+    "compare": run_compare_worker,
+    "memory": run_memory_worker,
+    "startup": run_startup_worker,
+    "throughput": run_throughput_worker,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -864,13 +962,15 @@ def _job_label(spec: dict) -> str:
     parts = [spec["kind"], spec["variant"]]
     if "num_boxes" in spec:
         parts.append(f"N={spec['num_boxes']}")
+    if spec.get("precision", "fp32") != "fp32":
+        parts.append(spec["precision"])
     if "mode" in spec:
         parts.append(spec["mode"])
     return " ".join(parts)
 
 
 def run_job(spec: dict, timeout=None) -> dict:
-    ident = {k: spec[k] for k in ("kind", "variant", "num_boxes", "mode") if k in spec}
+    ident = {k: spec[k] for k in ("kind", "variant", "num_boxes", "mode", "precision") if k in spec}
     with tempfile.TemporaryDirectory(prefix="regionspot_bench_") as tmp:
         spec_path = os.path.join(tmp, "spec.json")
         out_path = os.path.join(tmp, "result.json")
@@ -912,24 +1012,33 @@ def _table(rows, headers, markdown: bool) -> str:
 
 
 def phases_table(results, markdown: bool) -> str:
-    headers = ["variant", "N", "mode"] + [f"{p} ms" for p in MODE_PHASES] + ["other ms", "total ms", "speed-up"]
+    headers = (["variant", "N", "precision", "mode"] + [f"{p} ms" for p in MODE_PHASES]
+               + ["other ms", "total ms", "images/s", "speed-up"])
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["variant"], r["num_boxes"], "ERROR: " + r["error"]] + [""] * (len(headers) - 3))
+            rows.append([r["variant"], r["num_boxes"], r.get("precision", "fp32"), "ERROR: " + r["error"]]
+                        + [""] * (len(headers) - 4))
             continue
         for mode, m in r["modes"].items():
             ph = m["phases_ms"]
             speedup = "1.00x (ref)" if mode == "reference" else (
                 f"{m['speedup_vs_reference']:.2f}x" if m.get("speedup_vs_reference") else "-")
-            rows.append([r["variant"], r["num_boxes"], mode] + [_fmt(ph.get(p)) for p in MODE_PHASES]
-                        + [_fmt(ph["other"]), _fmt(ph["total"]), speedup])
+            # The reference always runs in fp32.
+            precision = "fp32" if mode == "reference" else r["precision"]
+            rows.append([r["variant"], r["num_boxes"], precision, mode] + [_fmt(ph.get(p)) for p in MODE_PHASES]
+                        + [_fmt(ph["other"]), _fmt(ph["total"]), _images_per_s(ph["total"]), speedup])
     return _table(rows, headers, markdown)
+
+
+def _images_per_s(total_ms) -> str:
+    return _fmt(1000.0 / total_ms, 2) if total_ms and total_ms > 0 else "-"
 
 
 def agreement_table(results, markdown: bool) -> str:
     headers = [
-        "variant", "N", "logits max-abs-diff eval", "logits max-abs-diff predictor", "logits max-abs-diff cls-only", "< tol",
+        "variant", "N", "precision", "logits max-abs-diff eval", "logits max-abs-diff predictor", "logits max-abs-diff cls-only", "< tol",
+        "top-1 class agreement",
         "mask px differing (predictor)", "mask px differing (eval, kept)", "eval dets / mask regions",
         "build s (vocab s)", "compare-process peak MB",
     ]
@@ -940,13 +1049,16 @@ def agreement_table(results, markdown: bool) -> str:
         a = r.get("agreement")
         build = f"{_fmt(r['build_s'], 1)} ({_fmt(r['vocabulary_s'], 1)})"
         if not a:
-            rows.append([r["variant"], r["num_boxes"], "reference skipped"] + [""] * 6 + [build, _fmt(r["peak_rss_mb"], 0)])
+            rows.append([r["variant"], r["num_boxes"], r["precision"], "reference skipped"] + [""] * 7
+                        + [build, _fmt(r["peak_rss_mb"], 0)])
             continue
         d = a["logits_max_abs_diff"]
         frac = a["mask_pixels_differing_fraction"]
+        within = a["logits_within_tolerance"]
         rows.append([
-            r["variant"], r["num_boxes"], _sci(d["ours_eval_masks"]), _sci(d["ours_predictor_masks"]),
-            _sci(d["ours_cls_only"]), "yes" if a["logits_within_tolerance"] else "NO",
+            r["variant"], r["num_boxes"], r["precision"], _sci(d["ours_eval_masks"]), _sci(d["ours_predictor_masks"]),
+            _sci(d["ours_cls_only"]), "n/a" if within is None else ("yes" if within else "NO"),
+            f"{a['top1_class_agreement_cls_only'] * 100:.1f}%",
             f"{frac['ours_predictor_masks']:.2e}", f"{frac['ours_eval_masks']:.2e}" if "ours_eval_masks" in frac else "-",
             f"{a['eval_num_detections']} / {a.get('eval_num_mask_regions', '-')}", build, _fmt(r["peak_rss_mb"], 0),
         ])
@@ -982,6 +1094,19 @@ def memory_table(memory, markdown: bool) -> str:
         if "reference" in growth and growth.get("ours_eval_masks", 0) > 0:
             ratio = f"{growth['reference'] / growth['ours_eval_masks']:.1f}x"
         rows.append(row + [ratio])
+    return _table(rows, headers, markdown)
+
+
+def throughput_table(throughput, markdown: bool) -> str:
+    headers = ["variant", "N", "precision", "images per call", "call s (median)", "images/s", "vs first"]
+    rows = []
+    for r in throughput:
+        if "error" in r:
+            rows.append([r["variant"], r["num_boxes"], r.get("precision", "fp32"), "ERROR: " + r["error"], "", "", ""])
+            continue
+        for b in r["batches"]:
+            rows.append([r["variant"], r["num_boxes"], r["precision"], b["images_per_call"], _fmt(b["call_s"], 3),
+                         _fmt(b["images_per_s"], 2), f"{b['images_per_s_vs_first']:.2f}x"])
     return _table(rows, headers, markdown)
 
 
@@ -1076,7 +1201,15 @@ def parse_args(argv=None):
     p.add_argument("--skip-reference-above", type=int, default=1000,
                    help="do not run the reference for N above this (it holds N copies of the image tokens in "
                         "the decoder and N full-resolution masks; N=1000 needs tens of GB)")
-    p.add_argument("--logits-tol", type=float, default=1e-4, help="max |logits difference| allowed vs the reference")
+    p.add_argument("--logits-tol", type=float, default=1e-4,
+                   help="max |logits difference| allowed vs the reference (checked for fp32 only)")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "fp16", "bf16"],
+                   help="FROZEN_PRECISION of our pipelines in the comparison, one job each (the reference always "
+                        "runs in fp32: the speed-up is over the fp32 baseline). fp16/bf16 report the logits "
+                        "difference and top-1 agreement instead of checking --logits-tol")
+    p.add_argument("--batch-images", nargs="+", type=int, default=[],
+                   help="throughput of the evaluation forward with this many images per model call, for each "
+                        "--num-boxes and --precision (e.g. 1 4 8: SAM and CLIP encode the images of a call together)")
     p.add_argument("--startup", action="store_true",
                    help="measure the LVIS vocabulary's text embeddings: cache hit vs encoding (per variant)")
     p.add_argument("--startup-classes", type=int, default=40,
@@ -1113,8 +1246,10 @@ def parse_args(argv=None):
         p.error("--startup-classes must be >= 1")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         p.error("--device must be cpu, cuda or cuda:K")
-    if args.skip_compare and not args.memory_n and not args.startup:
-        p.error("--skip-compare leaves nothing to do: add --memory-n and/or --startup")
+    if any(b < 1 for b in args.batch_images):
+        p.error("--batch-images must be >= 1")
+    if args.skip_compare and not args.memory_n and not args.startup and not args.batch_images:
+        p.error("--skip-compare leaves nothing to do: add --memory-n, --batch-images and/or --startup")
     return args
 
 
@@ -1163,7 +1298,8 @@ def plan_jobs(args, cache_dir: str):
                     "for memory (reported as an error); lower --skip-reference-above to skip it.",
                     variant, ref_n[-1], need, available)
         if not args.skip_compare:
-            jobs += [{**common, "kind": "compare", "variant": variant, "num_boxes": n} for n in args.num_boxes]
+            jobs += [{**common, "kind": "compare", "variant": variant, "num_boxes": n, "precision": precision}
+                     for n in args.num_boxes for precision in args.precision]
         for n in memory_n:
             for mode in MEMORY_MODES:
                 if mode == "reference" and n > args.skip_reference_above:
@@ -1171,6 +1307,10 @@ def plan_jobs(args, cache_dir: str):
                                 variant, n, args.skip_reference_above)
                     continue
                 jobs.append({**common, "kind": "memory", "variant": variant, "num_boxes": n, "mode": mode})
+        if args.batch_images:
+            jobs += [{**common, "kind": "throughput", "variant": variant, "num_boxes": n, "precision": precision,
+                      "batch_images": list(args.batch_images)}
+                     for n in args.num_boxes for precision in args.precision]
         if args.startup:
             jobs.append({**common, "kind": "startup", "variant": variant, "startup_classes": args.startup_classes})
     return jobs
@@ -1190,7 +1330,7 @@ def main(argv=None) -> int:
 
     info = machine_info(args.device)
     _, image_desc = load_image(args.image, args.seed)
-    collected = {"compare": [], "memory": [], "startup": []}
+    collected = {"compare": [], "memory": [], "startup": [], "throughput": []}
     with tempfile.TemporaryDirectory(prefix="regionspot_text_cache_") as default_cache:
         cache_dir = os.path.abspath(args.cache_dir) if args.cache_dir else default_cache
         jobs = plan_jobs(args, cache_dir)
@@ -1207,7 +1347,9 @@ def main(argv=None) -> int:
     info["load_average_at_end"] = _load_average()
 
     results, memory, startup = collected["compare"], collected["memory"], collected["startup"]
-    worker_threads = sorted({r["torch_num_threads"] for r in results + memory + startup if "torch_num_threads" in r})
+    throughput = collected["throughput"]
+    worker_threads = sorted({r["torch_num_threads"] for r in results + memory + startup + throughput
+                             if "torch_num_threads" in r})
     if worker_threads:
         info["torch_num_threads"] = worker_threads[0] if len(worker_threads) == 1 else worker_threads
     print(machine_text(info, args, image_desc, args.markdown))
@@ -1225,12 +1367,17 @@ def main(argv=None) -> int:
         print("Peak memory per mode, one subprocess each (peak while running one pipeline; growth = peak - after build)"
               + (":" if not args.markdown else "\n"))
         print(memory_table(memory, args.markdown))
+    if throughput:
+        print()
+        print("Throughput of the evaluation forward, several images per call (frozen encoders batched)"
+              + (":" if not args.markdown else "\n"))
+        print(throughput_table(throughput, args.markdown))
     if startup:
         print()
         print("Start-up: text embeddings of the LVIS vocabulary" + (":" if not args.markdown else "\n"))
         print(startup_text(startup, args.markdown))
 
-    disagreements = [r for r in results if r.get("agreement") and not r["agreement"]["logits_within_tolerance"]]
+    disagreements = [r for r in results if r.get("agreement") and r["agreement"]["logits_within_tolerance"] is False]
     for r in disagreements:
         logger.error("%s N=%d: logits differ from the reference by %.3g (> %g)", r["variant"], r["num_boxes"],
                      r["agreement"]["logits_max_abs_diff_max"], args.logits_tol)
@@ -1247,11 +1394,12 @@ def main(argv=None) -> int:
             "results": results,
             "memory": memory,
             "startup": startup,
+            "throughput": throughput,
         }
         with open(args.output_json, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=2)
         logger.info("Wrote %s", args.output_json)
-    failed = any("error" in r for r in results + memory + startup)
+    failed = any("error" in r for r in results + memory + startup + throughput)
     return 1 if failed or disagreements else 0
 
 
