@@ -28,6 +28,10 @@ from regionspot.solver import build_regionspot_optimizer
 class Trainer(DefaultTrainer):
     """DefaultTrainer with RegionSpot's loaders, optimizer, checkpointer and per-dataset vocabulary."""
 
+    def __init__(self, cfg):
+        check_amp_device(cfg)
+        super().__init__(cfg)
+
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
@@ -93,6 +97,16 @@ class Trainer(DefaultTrainer):
             one.freeze()
             results[name] = super().test(one, model, None if evaluators is None else [evaluators[idx]])
         return results
+
+
+def check_amp_device(cfg):
+    """detectron2's AMPTrainer (SOLVER.AMP.ENABLED) runs on CUDA only: refuse it up front elsewhere."""
+    if cfg.SOLVER.AMP.ENABLED and not str(cfg.MODEL.DEVICE).startswith("cuda"):
+        raise ValueError(
+            f"SOLVER.AMP.ENABLED=True needs a CUDA device (detectron2's AMPTrainer is CUDA-only), but "
+            f"MODEL.DEVICE={cfg.MODEL.DEVICE!r}. Set SOLVER.AMP.ENABLED False; the frozen SAM and CLIP can "
+            "still run in reduced precision with MODEL.REGIONSPOT.FROZEN_PRECISION bf16."
+        )
 
 
 def setup(args):

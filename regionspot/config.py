@@ -40,6 +40,8 @@ def add_regionspot_config(cfg):
     # Precision of the frozen SAM and CLIP forwards: "fp32", or autocast to "fp16" / "bf16" on the
     # model's device (GPU: the authors ran CLIP in fp16; outputs then agree only to that precision).
     # The text embeddings are encoded in fp32 regardless, so the cache does not depend on it.
+    # SOLVER.AMP.ENABLED (detectron2's AMPTrainer, CUDA only) applies to the trained fusion module;
+    # the frozen models follow this key even inside its autocast ("fp32" keeps them in fp32).
     rs.FROZEN_PRECISION = "fp32"
 
     # Build SAM and CLIP with seeded random weights when their WEIGHTS are empty. For tests,

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny SAM/CLIP with seeded random weights, everything on CPU."""
+"""Shared fixtures: tiny SAM/CLIP with seeded random weights, on CPU unless a test names a device."""
 import os
 
 # Tiny models run fastest on one thread, and the subprocesses of the tests inherit this; without it
@@ -16,6 +16,13 @@ import regionspot  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Devices of the device-parametrised tests: the CUDA cases run where a GPU is present and skip
+# elsewhere (CI has none).
+CUDA = pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+)
+DEVICES = ["cpu", CUDA]
 TINY_CONFIG = os.path.join(REPO_ROOT, "configs", "RegionSpot-tiny_shapes.yaml")
 
 

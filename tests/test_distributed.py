@@ -27,7 +27,9 @@ def test_two_process_evaluation_equals_one(tmp_path):
     model = build_model(tiny_cfg())
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("weights")
     weights = tmp_path / "weights.pth"
-    env = dict(os.environ, PYTHONWARNINGS="ignore", DETECTRON2_DATASETS=str(tmp_path / "datasets"))
+    # CPU processes (gloo): on a machine with a GPU, launch would otherwise pick NCCL and want 2 GPUs.
+    env = dict(os.environ, PYTHONWARNINGS="ignore", DETECTRON2_DATASETS=str(tmp_path / "datasets"),
+               CUDA_VISIBLE_DEVICES="")
     one = _eval(tmp_path / "one", weights, 1, env)
     two = _eval(tmp_path / "two", weights, 2, env)
     assert len(one) > 0 and one == two

@@ -192,6 +192,8 @@ def test_resume_rewrites_only_missing_or_corrupt(cache_copy, shapes):
     [
         (("MODEL.REGIONSPOT.CLIP.INPUT_SIZE", 64), "MODEL.REGIONSPOT.CLIP.INPUT_SIZE is 128 in the cache but 64"),
         (("MODEL.REGIONSPOT.RANDOM_INIT_SEED", 7), "MODEL.REGIONSPOT.RANDOM_INIT_SEED"),
+        (("MODEL.REGIONSPOT.FROZEN_PRECISION", "bf16"),
+         "MODEL.REGIONSPOT.FROZEN_PRECISION .* is 'fp32' in the cache but 'bf16'"),
     ],
 )
 def test_stale_cache_is_refused(cache_copy, opts, field):
@@ -202,7 +204,7 @@ def test_stale_cache_is_refused(cache_copy, opts, field):
     assert "tools/extract_features.py" in str(e.value) and "new --output directory" in str(e.value).lower()
     with pytest.raises(StaleFeatureCacheError, match=field.split(" ")[0]):
         _extract(cache_copy, *opts)
-    with pytest.raises(StaleFeatureCacheError, match="fingerprint of|input size"):
+    with pytest.raises(StaleFeatureCacheError, match="fingerprint of|input size|precision"):
         FeatureCache(str(cache_copy)).check(build_model(_cfg(*opts)))
     assert (cache_copy / MANIFEST_NAME).read_text() == manifest  # refused before writing anything
 

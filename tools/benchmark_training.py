@@ -4,6 +4,7 @@ Training throughput: online (SAM + CLIP run every step) vs from the feature cach
 (tools/extract_features.py), side by side in one process, same model, same batches' size.
 
     python tools/benchmark_training.py --variants BB BL --images 6 --batch 2 --iters 3
+    python tools/benchmark_training.py --device cuda --precision bf16 --images 64 --batch 16 --iters 3
 
 Real-size architectures with seeded RANDOM weights (no weight files needed); images from the
 generated shapes dataset (SAM resizes every image to 1024 px, so its cost does not depend on the
@@ -47,12 +48,15 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=3, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per mode")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="MODEL.DEVICE: cpu, cuda or cuda:K")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="MODEL.REGIONSPOT.FROZEN_PRECISION (online training and extraction)")
     p.add_argument("--workdir", default="", help="where the dataset and caches go (default: a temp dir)")
     p.add_argument("--output-json", default="")
     return p.parse_args(argv)
 
 
-def make_cfg(variant, workdir, batch, cache_dir=""):
+def make_cfg(variant, workdir, batch, device, precision, cache_dir=""):
     cfg = get_cfg()
     regionspot.add_regionspot_config(cfg)
     cfg.merge_from_file(os.path.join(REPO_ROOT, CONFIGS[variant]))
@@ -62,7 +66,8 @@ def make_cfg(variant, workdir, batch, cache_dir=""):
     rs.TEXT_CACHE_DIR = os.path.join(workdir, "text_cache")
     rs.FEATURE_CACHE.DIR = cache_dir
     cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE = device
+    rs.FROZEN_PRECISION = precision
     cfg.DATASETS.TRAIN = (DATASET,)
     cfg.DATASETS.TEST = ()
     cfg.SOLVER.IMS_PER_BATCH = batch
@@ -74,17 +79,24 @@ def make_cfg(variant, workdir, batch, cache_dir=""):
     return cfg
 
 
-def time_steps(model, optimizer, loader, warmup, iters, batch):
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
+
+
+def time_steps(model, optimizer, loader, warmup, iters, batch, device):
     it = iter(loader)
     model.train()
     for step in range(warmup + iters):
         if step == warmup:
+            _sync(device)
             start = time.perf_counter()
         data = next(it)
         loss = sum(model(data).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    _sync(device)
     return batch * iters / (time.perf_counter() - start)
 
 
@@ -93,7 +105,7 @@ def run_variant(variant, args, workdir):
     from train_net import Trainer
 
     cache_dir = os.path.join(workdir, f"features_{variant}")
-    cfg = make_cfg(variant, workdir, args.batch)
+    cfg = make_cfg(variant, workdir, args.batch, args.device, args.precision)
     t0 = time.perf_counter()
     extract_main(["--config-file", os.path.join(REPO_ROOT, CONFIGS[variant]), "--output", cache_dir, "--views",
                   "identity", "--dataset", DATASET, "--no-progress", "--opts"] + _opts(cfg))
@@ -102,9 +114,11 @@ def run_variant(variant, args, workdir):
     torch.manual_seed(0)
     model = Trainer.build_model(cfg)
     optimizer = build_regionspot_optimizer(cfg, model)
-    online = time_steps(model, optimizer, build_regionspot_train_loader(cfg), args.warmup, args.iters, args.batch)
-    cached_cfg = make_cfg(variant, workdir, args.batch, cache_dir)
-    cached = time_steps(model, optimizer, build_regionspot_train_loader(cached_cfg), args.warmup, args.iters, args.batch)
+    online = time_steps(model, optimizer, build_regionspot_train_loader(cfg), args.warmup, args.iters, args.batch,
+                        args.device)
+    cached_cfg = make_cfg(variant, workdir, args.batch, args.device, args.precision, cache_dir)
+    cached = time_steps(model, optimizer, build_regionspot_train_loader(cached_cfg), args.warmup, args.iters,
+                        args.batch, args.device)
     return {
         "variant": variant,
         "online_images_per_s": online,
@@ -118,7 +132,8 @@ def _opts(cfg):
     rs = cfg.MODEL.REGIONSPOT
     return ["MODEL.REGIONSPOT.RANDOM_INIT_FROZEN", "True", "MODEL.REGIONSPOT.SAM.WEIGHTS", "",
             "MODEL.REGIONSPOT.CLIP.WEIGHTS", "", "MODEL.REGIONSPOT.TEXT_CACHE_DIR", rs.TEXT_CACHE_DIR,
-            "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", f"('{DATASET}',)", "DATASETS.TEST", "()"]
+            "MODEL.DEVICE", cfg.MODEL.DEVICE, "MODEL.REGIONSPOT.FROZEN_PRECISION", rs.FROZEN_PRECISION,
+            "DATASETS.TRAIN", f"('{DATASET}',)", "DATASETS.TEST", "()"]
 
 
 def main(argv=None):
@@ -133,7 +148,10 @@ def main(argv=None):
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     print(f"CPU: {cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{args.images} images, batch {args.batch}, {args.warmup} warm-up + {args.iters} timed steps per mode, fp32")
+    if args.device.startswith("cuda"):
+        print(f"Device: {torch.cuda.get_device_name(torch.device(args.device))}, CUDA {torch.version.cuda}")
+    print(f"{args.images} images, batch {args.batch}, {args.warmup} warm-up + {args.iters} timed steps per mode, "
+          f"frozen models in {args.precision} on {args.device}")
     rows = [run_variant(v, args, workdir) for v in args.variants]
     print("| variant | online images/s | cached images/s | speed-up | extraction images/s (one-off) |")
     print("|---|---|---|---|---|")

@@ -23,7 +23,8 @@ view definitions, dataset size) is refused: use a new ``--output``.
 
 Parallel extraction: ``--num-shards K --shard-index i`` (independent processes, e.g. one per GPU or
 machine, each takes the images i, i+K, ...), or ``--num-gpus N`` (detectron2's ``launch``: N local
-processes, NCCL on GPUs, gloo on the CPU, each taking its share of the shard).
+processes, NCCL on GPUs, gloo on the CPU, each taking its share of the shard). For CPU processes on a
+machine that has a GPU, hide it (``CUDA_VISIBLE_DEVICES=""``): ``launch`` otherwise wants N GPUs.
 """
 import argparse
 import logging

@@ -29,8 +29,9 @@ of all of the above, checked on every load: a truncated or altered file raises
 stored with N = 0.
 
 ``manifest.json`` records the format version, the dtype, the datasets (number of images, views),
-the view definitions and, for SAM and CLIP, the TYPE, the weights fingerprint, CLIP's INPUT_SIZE and
-the feature dimensions.
+the view definitions, ``FROZEN_PRECISION`` (features made under fp16/bf16 autocast are not those of
+fp32) and, for SAM and CLIP, the TYPE, the weights fingerprint, CLIP's INPUT_SIZE and the feature
+dimensions.
 
 Fingerprints of the frozen weights (chosen so that checking a cache needs no model build when real
 weights are used):
@@ -291,9 +292,13 @@ def _head_of(model):
 
 
 def frozen_fingerprints(model) -> dict:
-    """Tensor fingerprints and feature dimensions of a built model's (or head's) SAM and CLIP."""
+    """
+    Tensor fingerprints and feature dimensions of a built model's (or head's) SAM and CLIP, and the
+    precision they run in.
+    """
     head = _head_of(model)
     return {
+        "frozen_precision": head.sam.precision,
         "sam": {"tensors_sha256": state_dict_sha256(head.sam.sam), "token_dim": int(head.sam.token_dim)},
         "clip": {
             "tensors_sha256": state_dict_sha256(head.clip.model),
@@ -328,6 +333,7 @@ def settings_from_cfg(cfg, model=None) -> dict:
             "random_init_seed": None if weights else int(rs.RANDOM_INIT_SEED),
         }
     out["clip"]["input_size"] = int(rs.CLIP.INPUT_SIZE)
+    out["frozen_precision"] = rs.FROZEN_PRECISION
     prints = frozen_fingerprints(model) if model is not None else None
     if prints is None and not (rs.SAM.WEIGHTS and rs.CLIP.WEIGHTS):
         prints = _random_fingerprints(cfg)
@@ -348,6 +354,7 @@ _CFG_FIELDS = (
     (("clip", "weights_sha256"), "the SHA-256 of MODEL.REGIONSPOT.CLIP.WEIGHTS (None: seeded random weights)"),
     (("clip", "random_init_seed"), "MODEL.REGIONSPOT.RANDOM_INIT_SEED (CLIP's random weights)"),
     (("clip", "input_size"), "MODEL.REGIONSPOT.CLIP.INPUT_SIZE"),
+    (("frozen_precision",), "MODEL.REGIONSPOT.FROZEN_PRECISION (None: a cache written before it was recorded)"),
 )
 _MODEL_FIELDS = (
     (("sam", "tensors_sha256"), "the fingerprint of SAM's weight tensors"),
@@ -356,6 +363,7 @@ _MODEL_FIELDS = (
     (("clip", "input_size"), "CLIP's input size (MODEL.REGIONSPOT.CLIP.INPUT_SIZE)"),
     (("clip", "num_tokens"), "the number of CLIP feature tokens"),
     (("clip", "width"), "CLIP's feature width"),
+    (("frozen_precision",), "the frozen models' precision (MODEL.REGIONSPOT.FROZEN_PRECISION)"),
 )
 
 
@@ -499,6 +507,7 @@ class FeatureCache:
                     "random_init_seed": None if rs.CLIP.WEIGHTS else int(rs.RANDOM_INIT_SEED),
                     "input_size": int(rs.CLIP.INPUT_SIZE),
                 },
+                "frozen_precision": rs.FROZEN_PRECISION,
             }
             cheap_fields = [f for f in _CFG_FIELDS if "weights_sha256" not in f[0]]
             _compare(self.root, manifest, cheap, cheap_fields, "the config")  # before any hashing

@@ -1,5 +1,6 @@
 """Shared behaviour of the frozen foundation models (SAM and CLIP)."""
 import contextlib
+import functools
 
 import torch
 from torch import nn
@@ -7,13 +8,23 @@ from torch import nn
 
 @contextlib.contextmanager
 def seeded(seed: int):
-    """Run a block with torch's CPU generator seeded, restoring the caller's RNG state after."""
+    """
+    Run a block with torch's CPU generator seeded, restoring the caller's RNG state after. Only the
+    CPU generator is touched (``torch.manual_seed`` would also re-seed every CUDA generator, and
+    those are not restored): the frozen models are built on the CPU.
+    """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         yield
 
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_bf16_supported(device: torch.device) -> bool:
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported()
 
 
 class FrozenModule(nn.Module):
@@ -34,11 +45,20 @@ class FrozenModule(nn.Module):
         return self
 
     def autocast(self):
-        """Autocast context for the frozen forwards, on the module's device type."""
+        """
+        Autocast context for the frozen forwards, on the module's device type. "fp32" turns autocast
+        off, so the frozen models stay in fp32 inside an enclosing autocast region too (detectron2's
+        AMPTrainer with ``SOLVER.AMP.ENABLED``, which then applies to the trained module only).
+        """
+        device = next(self.parameters()).device
         if self.precision == "fp32":
-            return contextlib.nullcontext()
-        device_type = next(self.parameters()).device.type
-        return torch.autocast(device_type=device_type, dtype=PRECISIONS[self.precision])
+            return torch.autocast(device_type=device.type, enabled=False)
+        if self.precision == "bf16" and device.type == "cuda" and not _cuda_bf16_supported(device):
+            raise RuntimeError(
+                f"MODEL.REGIONSPOT.FROZEN_PRECISION='bf16' but {torch.cuda.get_device_name(device)} has no bf16 "
+                "support: use 'fp16' (or 'fp32')."
+            )
+        return torch.autocast(device_type=device.type, dtype=PRECISIONS[self.precision])
 
     def freeze(self):
         for p in self.parameters():

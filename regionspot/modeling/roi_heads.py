@@ -203,14 +203,17 @@ class RegionSpotROIHeads(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape=None):
         rs = cfg.MODEL.REGIONSPOT
+        # On MODEL.DEVICE already: the vocabulary's text embeddings are encoded in __init__, before
+        # build_model moves the whole model there.
+        device = torch.device(cfg.MODEL.DEVICE)
         sam = SamRegionTokens(
             build_sam(rs.SAM.TYPE, rs.SAM.WEIGHTS, rs.RANDOM_INIT_FROZEN, rs.RANDOM_INIT_SEED),
             fast=rs.SAM.FAST_PATH,
-        ).set_precision(rs.FROZEN_PRECISION)
+        ).set_precision(rs.FROZEN_PRECISION).to(device)
         clip = ClipDenseFeatures(
             build_clip(rs.CLIP.TYPE, rs.CLIP.WEIGHTS, rs.RANDOM_INIT_FROZEN, rs.RANDOM_INIT_SEED + 1),
             rs.CLIP.INPUT_SIZE,
-        ).set_precision(rs.FROZEN_PRECISION)
+        ).set_precision(rs.FROZEN_PRECISION).to(device)
         fusion = RegionSpotFusion(
             token_dim=sam.token_dim,
             clip_dim=clip.width,
