@@ -1032,7 +1032,7 @@ def phases_table(results, markdown: bool) -> str:
 
 
 def _images_per_s(total_ms) -> str:
-    return _fmt(1000.0 / total_ms, 2) if total_ms and total_ms > 0 else "-"
+    return f"{1000.0 / total_ms:.3g}" if total_ms and total_ms > 0 else "-"
 
 
 def agreement_table(results, markdown: bool) -> str:
@@ -1106,7 +1106,7 @@ def throughput_table(throughput, markdown: bool) -> str:
             continue
         for b in r["batches"]:
             rows.append([r["variant"], r["num_boxes"], r["precision"], b["images_per_call"], _fmt(b["call_s"], 3),
-                         _fmt(b["images_per_s"], 2), f"{b['images_per_s_vs_first']:.2f}x"])
+                         f"{b['images_per_s']:.3g}", f"{b['images_per_s_vs_first']:.2f}x"])
     return _table(rows, headers, markdown)
 
 
