@@ -87,9 +87,12 @@ def _first_block_shared_image(block, queries, query_pe, image, image_pe):
     queries = block.norm1(queries)
 
     t2i = block.cross_attn_token_to_image
-    k_img = t2i.k_proj(image + image_pe).expand(b, -1, -1)  # projected once, broadcast to prompts
-    v_img = t2i.v_proj(image).expand(b, -1, -1)
-    queries = block.norm2(queries + _attend(t2i, t2i.q_proj(queries + query_pe), k_img, v_img))
+    # Keys and values projected once; every prompt's tokens attend to them as one batch of b * T
+    # queries (attention rows are independent), so no per-prompt (or broadcast) copy is made.
+    k_img, v_img = t2i.k_proj(image + image_pe), t2i.v_proj(image)
+    q = t2i.q_proj(queries + query_pe)
+    attended = _attend(t2i, q.reshape(1, -1, q.shape[-1]), k_img, v_img).view(b, -1, queries.shape[-1])
+    queries = block.norm2(queries + attended)
     queries = block.norm3(queries + block.mlp(queries))
 
     i2t = block.cross_attn_image_to_token
