@@ -26,31 +26,33 @@ MEMORY_N = (3,)
 LOGITS_TOL = 1e-4
 
 
-def test_benchmark_tiny_smoke(tmp_path):
+def _run_benchmark(tmp_path, *args):
+    """tools/benchmark.py on the tiny models, one timed round, one thread; returns (process, JSON output)."""
     out_json = tmp_path / "bench.json"
     cmd = [
-        sys.executable, BENCHMARK,
-        "--variants", "tiny",
+        sys.executable, BENCHMARK, "--variants", "tiny", *args, "--repeats", "1", "--warmup", "0", "--threads", "1",
+        "--cache-dir", str(tmp_path / "text_cache"), "--output-json", str(out_json),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, f"benchmark failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return proc, json.loads(out_json.read_text())
+
+
+def test_benchmark_tiny_smoke(tmp_path):
+    proc, data = _run_benchmark(
+        tmp_path,
         "--num-boxes", *[str(n) for n in NUM_BOXES],
         # Per-mode memory subprocesses only for --memory-n (keeps the test short).
         "--no-memory",
         "--memory-n", *[str(n) for n in MEMORY_N],
-        "--repeats", "1",
-        "--warmup", "0",
-        "--threads", "1",
         "--device", "cpu",
-        "--cache-dir", str(tmp_path / "text_cache"),
-        "--output-json", str(out_json),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, f"benchmark failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    )
     # The report goes to stdout: machine description, then the phase, agreement and memory tables.
     assert "torch" in proc.stdout and "Load average" in proc.stdout
     for mode in MODES:
         assert mode in proc.stdout, mode
     assert "speed-up" in proc.stdout and "logits max-abs-diff" in proc.stdout and "peak" in proc.stdout
 
-    data = json.loads(out_json.read_text())
     for key in ("cpu_model", "cpu_count", "torch_num_threads", "torch_version", "device_name", "load_average_at_start"):
         assert key in data["machine"], key
     assert data["machine"]["torch_num_threads"] == 1
@@ -116,23 +118,7 @@ def test_benchmark_tiny_smoke(tmp_path):
 
 def test_benchmark_skip_reference_above(tmp_path):
     """Above --skip-reference-above only ours runs; no agreement, no reference memory job."""
-    out_json = tmp_path / "bench.json"
-    cmd = [
-        sys.executable, BENCHMARK,
-        "--variants", "tiny",
-        "--num-boxes", "2",
-        "--no-memory",
-        "--memory-n", "2",
-        "--skip-reference-above", "1",
-        "--repeats", "1",
-        "--warmup", "0",
-        "--threads", "1",
-        "--cache-dir", str(tmp_path / "text_cache"),
-        "--output-json", str(out_json),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, f"benchmark failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    data = json.loads(out_json.read_text())
+    _, data = _run_benchmark(tmp_path, "--num-boxes", "2", "--no-memory", "--memory-n", "2", "--skip-reference-above", "1")
     (r,) = data["results"]
     assert "error" not in r, r
     assert set(r["modes"]) == set(MODES[1:])
@@ -146,24 +132,9 @@ def test_benchmark_reduced_precision_and_throughput(tmp_path):
     --precision bf16: ours under autocast against the fp32 reference (differences reported, not held to
     the fp32 tolerance); --batch-images: images/s of the evaluation forward with 1 and 2 images per call.
     """
-    out_json = tmp_path / "bench.json"
-    cmd = [
-        sys.executable, BENCHMARK,
-        "--variants", "tiny",
-        "--num-boxes", "3",
-        "--precision", "bf16",
-        "--batch-images", "1", "2",
-        "--no-memory",
-        "--repeats", "1",
-        "--warmup", "0",
-        "--threads", "1",
-        "--cache-dir", str(tmp_path / "text_cache"),
-        "--output-json", str(out_json),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, f"benchmark failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    proc, data = _run_benchmark(tmp_path, "--num-boxes", "3", "--precision", "bf16", "--batch-images", "1", "2",
+                                "--no-memory")
     assert "images/s" in proc.stdout and "top-1 class agreement" in proc.stdout
-    data = json.loads(out_json.read_text())
 
     (r,) = data["results"]
     assert "error" not in r, r

@@ -4,6 +4,7 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
+from conftest import DEVICES
 from regionspot.modeling.sam_tokens import SamRegionTokens, build_sam
 
 
@@ -123,25 +124,32 @@ def test_weights_round_trip(tmp_path, photo):
     torch.testing.assert_close(sa.encode_image(photo).embedding, sb.encode_image(photo).embedding, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,chunk", [(0, 4), (1, 4), (4, 4), (5, 4), (9, 4)])
-def test_fast_path_equals_stock_path(sam, tokens_model, photo, n, chunk):
-    """N = 0, 1, a full chunk and a chunk boundary; tokens, masks and IoU equal the stock forwards."""
-    reference = SamRegionTokens(_sam(), fast=False)
+def test_fast_path_equals_stock_path(tokens_model, photo, n, chunk, device):
+    """
+    N = 0, 1, a full chunk and a chunk boundary; tokens, masks and IoU equal the stock forwards (on a
+    GPU with its own attention kernels, to 10x the CPU tolerance).
+    """
+    if device != "cpu":
+        tokens_model = SamRegionTokens(_sam(), fast=True).to(device)
+    reference = SamRegionTokens(_sam(), fast=False).to(device)
+    atol = 1e-5 if device == "cpu" else 1e-4
     rng = np.random.RandomState(n)
     xy = rng.rand(n, 2) * 150
     boxes = np.concatenate([xy, xy + 20 + rng.rand(n, 2) * 80], axis=1)
     fast_state, ref_state = tokens_model.encode_image(photo), reference.encode_image(photo)
-    torch.testing.assert_close(fast_state.embedding, ref_state.embedding, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast_state.embedding, ref_state.embedding, rtol=0, atol=atol)
     fast = tokens_model.decode_prompts(fast_state, boxes, chunk_size=chunk)
     ref = reference.decode_prompts(ref_state, boxes, chunk_size=chunk)
-    torch.testing.assert_close(fast.tokens, ref.tokens, rtol=0, atol=1e-5)
-    torch.testing.assert_close(fast.mask_scores, ref.mask_scores, rtol=0, atol=1e-5)
-    torch.testing.assert_close(fast.low_res_masks, ref.low_res_masks, rtol=0, atol=1e-4)
+    torch.testing.assert_close(fast.tokens, ref.tokens, rtol=0, atol=atol)
+    torch.testing.assert_close(fast.mask_scores, ref.mask_scores, rtol=0, atol=atol)
+    torch.testing.assert_close(fast.low_res_masks, ref.low_res_masks, rtol=0, atol=10 * atol)
     fast_masks = tokens_model.postprocess_masks(fast.low_res_masks, fast_state)
     ref_masks = reference.postprocess_masks(ref.low_res_masks, ref_state)
     assert fast_masks.shape == ref_masks.shape
     # Logits agree to 1e-4; a pixel may flip only where a logit sits on the threshold.
-    assert n == 0 or (fast_masks != ref_masks).float().mean() <= 1e-4
+    assert n == 0 or (fast_masks != ref_masks).float().mean() <= 10 * atol
     no_masks = tokens_model.decode_prompts(fast_state, boxes, with_masks=False, chunk_size=chunk)
     assert no_masks.low_res_masks is None
     torch.testing.assert_close(no_masks.tokens, fast.tokens, rtol=0, atol=0)
