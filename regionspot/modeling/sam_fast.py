@@ -7,6 +7,7 @@ is copied: the modules are composed, and their attention is re-expressed).
   time in the 64 x 64 global blocks. The stock code materialises the logits of all heads, adds the
   terms and soft-maxes in separate passes over 12 x 4096 x 4096 floats; the fused kernel does one.
 """
+import math
 import types
 
 import torch
@@ -76,6 +77,73 @@ def _attend(attn, q, k, v):
     return attn.out_proj(attn._recombine_heads(out))
 
 
+def _tokens_to_image(attn, q_in, k_in, v_in):
+    """
+    ``attn(q=q_in, k=k_in, v=v_in)`` for few queries (the T prompt tokens) over many keys (the N
+    image tokens), with the key and value projections moved to the query side: per head,
+    ``q . (W_k x + b_k) = (W_k^T q) . x + const`` (the constant cancels in the softmax over keys) and
+    ``P (W_v x + b_v) = W_v (P x) + b_v`` (rows of P sum to 1). The N x C image side is then read by
+    two [h*T, C] x [C, N] products instead of being projected twice; same result up to rounding.
+
+    Args:
+        q_in: [B, T, C]; k_in, v_in: [B or 1, N, C].
+    """
+    b, t, _ = q_in.shape
+    h = attn.num_heads
+    d = attn.internal_dim // h
+    q = attn.q_proj(q_in).view(b, t, h, d)
+    q_k = torch.einsum("bthd,hdc->bhtc", q, attn.k_proj.weight.view(h, d, -1)).flatten(1, 2)  # [B, h*T, C]
+    scores = (q_k @ k_in.transpose(1, 2)) * (1.0 / math.sqrt(d))  # [B, h*T, N]
+    p_v = scores.softmax(dim=-1) @ v_in  # [B, h*T, C]
+    out = torch.einsum("bhtc,hdc->bthd", p_v.view(b, h, t, -1), attn.v_proj.weight.view(h, d, -1))
+    out = out + attn.v_proj.bias.view(h, d)
+    return attn.out_proj(out.reshape(b, t, h * d))
+
+
+def _image_to_tokens(attn, q_in, k_in, v_in):
+    """
+    ``attn(q=q_in, k=k_in, v=v_in)`` for many queries (the N image tokens) over few keys (the T
+    prompt tokens), with the query and output projections moved to the token side: per head,
+    ``(W_q x + b_q) . k = x . (W_q^T k) + b_q . k`` and ``W_o (P v) = P (W_o v)``, so the N x C image
+    side meets two [C, h*T] products instead of the query and output projections; same result up to
+    rounding.
+
+    Args:
+        q_in: [B or 1, N, C]; k_in, v_in: [B, T, C].
+    """
+    b, t, _ = k_in.shape
+    h = attn.num_heads
+    d = attn.internal_dim // h
+    k = attn.k_proj(k_in).view(b, t, h, d)
+    k_q = torch.einsum("bthd,hdc->bhtc", k, attn.q_proj.weight.view(h, d, -1))  # [B, h, T, C]
+    k_bias = torch.einsum("bthd,hd->bht", k, attn.q_proj.bias.view(h, d))  # [B, h, T]
+    # Laid out [B, h, T, N] so that the softmax over the T keys runs along a long contiguous N.
+    scores = k_q.flatten(1, 2) @ q_in.transpose(1, 2)  # [B, h*T, N]
+    scores = (scores.view(b, h, t, -1) + k_bias[..., None]) * (1.0 / math.sqrt(d))
+    v = attn.v_proj(v_in).view(b, t, h, d)
+    v_o = torch.einsum("bthd,chd->bhtc", v, attn.out_proj.weight.view(-1, h, d)).flatten(1, 2)  # [B, h*T, C]
+    # [B, N, h*T] made contiguous (a fifth of the output's size) so that the product, and the
+    # layer norm after it, get a row-major [B, N, C] without a copy of their own.
+    probs = scores.softmax(dim=2).flatten(1, 2).transpose(1, 2).contiguous()
+    return torch.baddbmm(attn.out_proj.bias, probs, v_o)
+
+
+def _block(block, queries, keys, query_pe, key_pe):
+    """``TwoWayAttentionBlock.forward`` (after the first block) with the factored cross-attentions."""
+    if block.skip_first_layer_pe:
+        queries = block.self_attn(q=queries, k=queries, v=queries)
+    else:
+        q = queries + query_pe
+        queries = queries + block.self_attn(q=q, k=q, v=queries)
+    queries = block.norm1(queries)
+    keys_pe = keys + key_pe  # the same sum serves both cross-attentions (keys change only after them)
+    queries = block.norm2(queries + _tokens_to_image(block.cross_attn_token_to_image, queries + query_pe, keys_pe, keys))
+    queries = block.norm3(queries + block.mlp(queries))
+    q = queries + query_pe
+    keys = block.norm4(keys + _image_to_tokens(block.cross_attn_image_to_token, keys_pe, q, queries))
+    return queries, keys
+
+
 def _first_block_shared_image(block, queries, query_pe, image, image_pe):
     """TwoWayAttentionBlock.forward when all prompts share the image tokens ``image`` [1, HW, C]."""
     b = queries.shape[0]
@@ -95,10 +163,8 @@ def _first_block_shared_image(block, queries, query_pe, image, image_pe):
     queries = block.norm2(queries + attended)
     queries = block.norm3(queries + block.mlp(queries))
 
-    i2t = block.cross_attn_image_to_token
-    q_img = i2t.q_proj(image + image_pe).expand(b, -1, -1)
-    tokens = queries + query_pe
-    keys = block.norm4(image + _attend(i2t, q_img, i2t.k_proj(tokens), i2t.v_proj(queries)))
+    keys = block.norm4(image + _image_to_tokens(block.cross_attn_image_to_token, image + image_pe,
+                                                queries + query_pe, queries))
     return queries, keys
 
 
@@ -122,14 +188,15 @@ def decode_prompts_fast(sam, image_embedding, sparse, dense, with_masks: bool):
     output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
     point_embedding = torch.cat([output_tokens[None].expand(b, -1, -1), sparse], dim=1)
     _, c, h, w = image_embedding.shape
-    image = (image_embedding + dense[:1]).flatten(2).permute(0, 2, 1)  # [1, HW, C]
-    image_pe = sam.prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1)
+    # [1, HW, C], made row-major once: results computed from them (the [B, HW, C] keys) inherit it.
+    image = (image_embedding + dense[:1]).flatten(2).permute(0, 2, 1).contiguous()
+    image_pe = sam.prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1).contiguous()
 
     queries, keys = _first_block_shared_image(transformer.layers[0], point_embedding, point_embedding, image, image_pe)
     for block in transformer.layers[1:]:
-        queries, keys = block(queries=queries, keys=keys, query_pe=point_embedding, key_pe=image_pe)
-    final = transformer.final_attn_token_to_image
-    queries = transformer.norm_final_attn(queries + final(q=queries + point_embedding, k=keys + image_pe, v=keys))
+        queries, keys = _block(block, queries, keys, point_embedding, image_pe)
+    final = _tokens_to_image(transformer.final_attn_token_to_image, queries + point_embedding, keys + image_pe, keys)
+    queries = transformer.norm_final_attn(queries + final)
 
     iou = dec.iou_prediction_head(queries[:, 0])[:, 0]
     tokens = queries[:, 1]
