@@ -6,6 +6,8 @@ is copied: the modules are composed, and their attention is re-expressed).
   position terms (``Rh[q, k_row] + Rw[q, k_col]``) as its additive ``attn_mask``, built one head at a
   time in the 64 x 64 global blocks. The stock code materialises the logits of all heads, adds the
   terms and soft-maxes in separate passes over 12 x 4096 x 4096 floats; the fused kernel does one.
+* Prompt decoding (:func:`decode_prompts_fast`): the image side shared by all prompts in the first
+  block, and the cross-attentions re-associated so the image tokens are never projected per prompt.
 """
 import math
 import types
@@ -61,10 +63,13 @@ def use_fused_encoder_attention(sam) -> int:
 
 # -------------------------------------------------------------------------------------------
 # Prompt decoding. Without a mask prompt, every box/point prompt of an image starts from the same
-# image tokens, so in the first two-way block the image side of both cross-attentions (keys and
-# values of token->image, queries of image->token) is projected once per image instead of once per
-# prompt. Masks (output up-scaling and the hypernetwork) are computed only when asked for, and only
-# for the single-mask output.
+# image tokens, so in the first two-way block the image side of both cross-attentions is computed
+# once per image instead of once per prompt. In every cross-attention between the few prompt tokens
+# and the 4096 image tokens, the projections of the image side (keys and values of token->image,
+# queries and output of image->token) are moved to the token side by associativity, so the large
+# [B, 4096, C] tensors meet [C, heads x tokens] products instead of [C, C/2] projections. Masks
+# (output up-scaling and the hypernetwork) are computed only when asked for, and only for the
+# single-mask output.
 
 
 def _heads(attn, x):
