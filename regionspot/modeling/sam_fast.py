@@ -133,14 +133,19 @@ def _image_to_tokens(attn, q_in, k_in, v_in):
     return torch.baddbmm(attn.out_proj.bias, probs, v_o)
 
 
-def _block(block, queries, keys, query_pe, key_pe):
-    """``TwoWayAttentionBlock.forward`` (after the first block) with the factored cross-attentions."""
+def _self_attention(block, queries, query_pe):
+    """The self-attention step of ``TwoWayAttentionBlock.forward`` (prompt tokens only)."""
     if block.skip_first_layer_pe:
         queries = block.self_attn(q=queries, k=queries, v=queries)
     else:
         q = queries + query_pe
         queries = queries + block.self_attn(q=q, k=q, v=queries)
-    queries = block.norm1(queries)
+    return block.norm1(queries)
+
+
+def _block(block, queries, keys, query_pe, key_pe):
+    """``TwoWayAttentionBlock.forward`` (after the first block) with the factored cross-attentions."""
+    queries = _self_attention(block, queries, query_pe)
     keys_pe = keys + key_pe  # the same sum serves both cross-attentions (keys change only after them)
     queries = block.norm2(queries + _tokens_to_image(block.cross_attn_token_to_image, queries + query_pe, keys_pe, keys))
     queries = block.norm3(queries + block.mlp(queries))
@@ -152,12 +157,7 @@ def _block(block, queries, keys, query_pe, key_pe):
 def _first_block_shared_image(block, queries, query_pe, image, image_pe):
     """TwoWayAttentionBlock.forward when all prompts share the image tokens ``image`` [1, HW, C]."""
     b = queries.shape[0]
-    if block.skip_first_layer_pe:
-        queries = block.self_attn(q=queries, k=queries, v=queries)
-    else:
-        q = queries + query_pe
-        queries = queries + block.self_attn(q=q, k=q, v=queries)
-    queries = block.norm1(queries)
+    queries = _self_attention(block, queries, query_pe)
 
     t2i = block.cross_attn_token_to_image
     # Keys and values projected once; every prompt's tokens attend to them as one batch of b * T
