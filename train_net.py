@@ -9,17 +9,18 @@ Train or evaluate RegionSpot with detectron2's trainer.
 import logging
 import os
 import weakref
-from collections import OrderedDict
 
 import detectron2.utils.comm as comm
-from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import COCOEvaluator, LVISEvaluator, verify_results
+from detectron2.evaluation import verify_results
+from detectron2.utils.logger import setup_logger
 
 import regionspot  # noqa: F401  (registers the meta-architecture, head and datasets)
 from regionspot import RegionSpotCheckpointer
 from regionspot.config import get_regionspot_cfg
-from regionspot.data import build_regionspot_test_loader, build_regionspot_train_loader
+from regionspot.data import build_regionspot_train_loader
+from regionspot.evaluation import build_regionspot_evaluator, evaluate_datasets
+from regionspot.evaluation.evaluator import build_evaluation_loader
 from regionspot.modeling import load_head_weights
 from regionspot.data.multi_dataset import dataset_class_names, local_main_process_first, register_training_vocabularies
 from regionspot.solver import build_regionspot_optimizer
@@ -34,16 +35,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
-        if evaluator_type == "lvis":
-            return LVISEvaluator(dataset_name, output_dir=output_folder)
-        if evaluator_type == "coco":
-            return COCOEvaluator(dataset_name, output_dir=output_folder)
-        raise NotImplementedError(
-            f"No evaluator for dataset {dataset_name!r} (evaluator_type={evaluator_type!r}); "
-            "RegionSpot evaluates 'lvis' and 'coco' datasets."
-        )
+        return build_regionspot_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
     def build_model(cls, cfg):
@@ -61,10 +53,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":
-            # A detector reads images resized as in its training (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST).
-            return build_detection_test_loader(cfg, dataset_name)
-        return build_regionspot_test_loader(cfg, dataset_name)
+        return build_evaluation_loader(cfg, dataset_name)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -83,20 +72,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """Evaluate on each of DATASETS.TEST with that dataset's class names as the vocabulary."""
-        head = (model.module if hasattr(model, "module") else model).roi_heads
-        results = OrderedDict()
-        for idx, name in enumerate(cfg.DATASETS.TEST):
-            if cfg.MODEL.REGIONSPOT.VOCABULARY == "dataset":
-                head.set_vocabulary(MetadataCatalog.get(name).thing_classes)
-            one = cfg.clone()
-            one.defrost()
-            one.DATASETS.TEST = (name,)
-            if cfg.MODEL.LOAD_PROPOSALS:
-                one.DATASETS.PROPOSAL_FILES_TEST = (cfg.DATASETS.PROPOSAL_FILES_TEST[idx],)
-            one.freeze()
-            results[name] = super().test(one, model, None if evaluators is None else [evaluators[idx]])
-        return results
+        """
+        Evaluate on each of DATASETS.TEST with that dataset's class names as the vocabulary, and
+        write a protocol card of each result beside metrics.json.
+        """
+        return evaluate_datasets(cfg, model, evaluators)
 
 
 def check_amp_device(cfg):
@@ -113,6 +93,8 @@ def setup(args):
     cfg = get_regionspot_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # RegionSpot's own messages (protocol cards, vocabulary, cache) go to the console and log.txt too.
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="regionspot")
     return cfg
 
 

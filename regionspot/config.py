@@ -36,6 +36,11 @@ def add_regionspot_config(cfg):
     # Side of the square CLIP view (224 or 336 for the released models). The checkpoint does not
     # reveal it; when it differs from CLIP's native size the positional embedding is interpolated.
     rs.CLIP.INPUT_SIZE = 224
+    # Antialias of the bilinear resize that makes the CLIP view (a downscale of the whole image). The
+    # authors' predictor does not antialias; their evaluation resizes with torchvision's tensor
+    # resize, which antialiases from torchvision 0.17 on: False reproduces their predictor and their
+    # evaluation under torchvision < 0.17, True their evaluation under torchvision >= 0.17.
+    rs.CLIP.RESIZE_ANTIALIAS = False
 
     # Precision of the frozen SAM and CLIP forwards: "fp32", or autocast to "fp16" / "bf16" on the
     # model's device (GPU: the authors ran CLIP in fp16; outputs then agree only to that precision).
@@ -76,6 +81,39 @@ def add_regionspot_config(cfg):
     rs.SCORING = "topk_pairs"
     # k of "topk_pairs" (the authors use 900); TEST.DETECTIONS_PER_IMAGE is applied after it.
     rs.TOPK = 900
+    # When box scores multiply the class probabilities (USE_BOX_SCORES with detector boxes):
+    # "after_topk": the top TOPK pairs by class probability first, then times the box score, then
+    #               sorted by the product (the authors' evaluation);
+    # "before_topk": the top TOPK pairs by box score x class probability.
+    rs.BOX_SCORE_ORDER = "after_topk"
+
+    # Test-time image-scale protocol. With INPUT.MIN_SIZE_TEST > 0 the test mapper first resizes the
+    # image as detectron2's default test mapper does (ResizeShortestEdge(MIN_SIZE_TEST,
+    # MAX_SIZE_TEST), PIL bilinear), SAM and CLIP make their views from that image, and results are
+    # brought back to the original size; MIN_SIZE_TEST 0 keeps the original image (one resize).
+    # Where the authors' evaluation has a defect, "authors" reproduces it and "fixed" does not.
+    rs.PROTOCOL = CN()
+    # Boxes into the resized frame: "authors" scales x by the height ratio and y by the width ratio
+    # (as their helper does; up to ~0.3 px off), "fixed" x by the width and y by the height ratio.
+    rs.PROTOCOL.BOX_RESCALE = "authors"
+    # Masks at the original size: "authors" thresholds SAM's mask at the resized scale, then resizes
+    # the binary mask with nearest neighbour; "fixed" up-samples SAM's mask logits straight to the
+    # original size and thresholds there (sharper on small objects).
+    rs.PROTOCOL.MASK_RESIZE = "authors"
+    # Precomputed proposals: "as_given" uses every box of the file as it is (no clipping, no
+    # dropping of empty boxes, no cap; the authors' protocol, and regions attend to each other, so
+    # the set matters); "detectron2" clips them to the image, drops empty ones and keeps the first
+    # DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST (detectron2's transform_proposals).
+    rs.PROTOCOL.PROPOSALS = "as_given"
+
+    rs.EVAL = CN()
+    # AP computed by train_net.py and tools: "standard" (detectron2's LVISEvaluator / COCOEvaluator;
+    # LVIS keeps the 300 best detections per image) or "fixed" (LVIS fixed AP, Dave et al. 2021: the
+    # top FIXED_AP_TOPK_PER_CLASS detections of each class over the whole dataset, no per-image cap;
+    # box AP only). For fixed AP raise TOPK and TEST.DETECTIONS_PER_IMAGE (e.g. 1000 pairs per image).
+    rs.EVAL.AP_KIND = "standard"
+    # K of fixed AP: detections kept per class over the dataset (10,000 in Dave et al.).
+    rs.EVAL.FIXED_AP_TOPK_PER_CLASS = 10000
 
     # Vocabulary: "dataset" (thing_classes of the first DATASETS.TEST / DATASETS.TRAIN entry) or
     # "custom" (CUSTOM_VOCABULARY).

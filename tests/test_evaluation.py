@@ -451,3 +451,47 @@ def test_train_net_eval_only(tmp_path):
     assert "copypaste: Task: bbox" in (out / "log.txt").read_text()
     # The dataset was generated under DETECTRON2_DATASETS.
     assert (tmp_path / "datasets" / "regionspot_shapes" / "val" / "annotations.json").is_file()
+    # One protocol card per evaluated dataset, beside metrics.json and in the dataset's folder.
+    cards = json.loads((out / "protocol_card.json").read_text())
+    assert len(cards) == 1
+    card = cards[0]
+    assert card == json.loads((out / "inference" / "regionspot_shapes_val" / "protocol_card.json").read_text())
+    assert card["dataset"]["name"] == "regionspot_shapes_val"
+    assert card["box_source"] == {"kind": "GT"}
+    assert card["ap"]["kind"] == "standard coco"
+    assert card["image_scale"]["name"] == "single-resize" and card["image_scale"]["min_size_test"] == 0
+    assert card["vocabulary"]["size"] == NUM_CLASSES
+    assert card["scoring"]["pairs_per_image"] == 100 and card["scoring"]["detections_per_image"] == 100
+    assert card["weights"]["sam"] == {"type": "tiny", "weights": None, "random_init_seed": 0}
+    assert card["weights"]["checkpoint"] is None
+    assert card["results"]["bbox"]["AP"] == pytest.approx(_copypaste_ap(log))
+    assert "Protocol card of regionspot_shapes_val" in log
+
+
+def _copypaste_ap(log: str) -> float:
+    lines = log.splitlines()
+    for i, line in enumerate(lines):
+        if "copypaste: Task: bbox" in line:
+            return float(lines[i + 2].split("copypaste: ")[1].split(",")[0])
+    raise AssertionError("no copypaste block in the log")
+
+
+def test_protocol_card_of_the_authors_protocol_with_proposals(tmp_path, subset):
+    from regionspot.evaluation import build_protocol_card
+
+    props = tmp_path / "props.pkl"
+    props.write_bytes(b"x")
+    cfg = _make_cfg(
+        tmp_path, "INPUT.MIN_SIZE_TEST", 800, "MODEL.LOAD_PROPOSALS", True, "MODEL.REGIONSPOT.BOX_SOURCE", "PROPOSALS",
+        "DATASETS.PROPOSAL_FILES_TEST", (str(props),), "MODEL.REGIONSPOT.EVAL.AP_KIND", "fixed",
+    )
+    card = build_protocol_card(cfg, SUBSET)
+    assert card["image_scale"]["name"] == "authors"
+    assert card["image_scale"]["box_rescale"] == "authors" and card["image_scale"]["mask_resize"] == "authors"
+    assert card["box_source"]["kind"] == "proposal file"
+    assert card["box_source"]["files"][0]["sha256"] == "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
+    assert card["ap"]["kind"].startswith("fixed") and card["ap"]["topk_per_class"] == 10000
+    cfg.defrost()
+    cfg.MODEL.REGIONSPOT.PROTOCOL.MASK_RESIZE = "fixed"
+    cfg.MODEL.REGIONSPOT.PROTOCOL.BOX_RESCALE = "fixed"
+    assert build_protocol_card(cfg, SUBSET)["image_scale"]["name"] == "authors-resize-fixed"

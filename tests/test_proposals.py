@@ -72,7 +72,7 @@ def test_sorted_by_descending_score_per_image():
     np.testing.assert_allclose(p["boxes"][1], [[1, 2, 4, 6]])
 
 
-def test_duplicate_boxes_merged_with_max_score():
+def test_duplicate_boxes_kept_by_default_merged_on_request():
     dets = [
         _det(1, [10, 10, 20, 20], 0.2, category_id=1),
         _det(1, [10, 10, 20, 20], 0.8, category_id=2),
@@ -80,7 +80,11 @@ def test_duplicate_boxes_merged_with_max_score():
         _det(1, [10, 10, 20, 21], 0.4, category_id=1),  # different box: kept
         _det(2, [10, 10, 20, 20], 0.1, category_id=1),  # same box, other image: kept
     ]
+    # By default every detection stays a prompt (the authors' protocol).
     p = detections_to_proposals(dets)
+    assert len(p["boxes"][0]) == 4
+    np.testing.assert_allclose(_sigmoid(p["objectness_logits"][0]), [0.8, 0.5, 0.4, 0.2], atol=1e-5)
+    p = detections_to_proposals(dets, merge_duplicates=True)
     np.testing.assert_allclose(p["boxes"][0], [[10, 10, 30, 30], [10, 10, 30, 31]])
     np.testing.assert_allclose(_sigmoid(p["objectness_logits"][0]), [0.8, 0.4], atol=1e-5)
     assert len(p["boxes"][1]) == 1

@@ -5,13 +5,16 @@ proposal pickle detectron2 reads, so RegionSpot can classify those boxes:
 
     python tools/convert_detections_to_proposals.py \\
         --detections glip_lvis_val_results.json --output proposals/glip_lvis_val.pkl \\
-        --dataset lvis_v1_val --max-per-image 300
+        --dataset lvis_v1_val
 
 then evaluate with ``MODEL.LOAD_PROPOSALS True DATASETS.PROPOSAL_FILES_TEST
 "('proposals/glip_lvis_val.pkl',)" MODEL.REGIONSPOT.BOX_SOURCE PROPOSALS``.
 
 With ``--dataset`` every image of that (registered) dataset gets an entry, an empty one where the
-detector found nothing; detectron2 raises KeyError for an image missing from the file.
+detector found nothing; detectron2 raises KeyError for an image missing from the file. By default
+every detection of the file becomes a prompt (the authors' protocol: no merging of duplicate
+boxes, no cap); ``--merge-duplicates``, ``--max-per-image`` and ``--nms-iou`` change the set of
+boxes, and with it every region's logits (the regions of an image attend to each other).
 """
 import argparse
 import importlib.util
@@ -76,8 +79,14 @@ def get_parser():
     parser.add_argument(
         "--max-per-image",
         type=int,
-        default=300,
-        help="keep at most this many boxes per image (0: all)",
+        default=0,
+        help="keep at most this many boxes per image (0, the default: all, as the authors' protocol)",
+    )
+    parser.add_argument(
+        "--merge-duplicates",
+        action="store_true",
+        help="merge boxes reported several times with identical coordinates (keeping the best score); "
+        "off by default: the authors' protocol uses every box, and regions attend to each other",
     )
     parser.add_argument(
         "--nms-iou",
@@ -114,6 +123,7 @@ def main(argv=None):
             min_score=args.min_score,
             max_per_image=args.max_per_image or None,
             class_agnostic_nms_iou=args.nms_iou or None,
+            merge_duplicates=args.merge_duplicates,
         )
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")

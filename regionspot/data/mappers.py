@@ -1,26 +1,138 @@
 """Data loaders of RegionSpot, built from detectron2's ``DatasetMapper``."""
+import copy
+from typing import Tuple
+
+import numpy as np
+import torch
+
 from detectron2.data import DatasetMapper, build_detection_test_loader
 from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import Boxes, BoxMode, Instances
 
-__all__ = ["build_regionspot_test_mapper", "build_regionspot_test_loader", "build_regionspot_train_mapper",
+__all__ = ["RegionSpotTestMapper", "box_scale_factors", "build_regionspot_test_mapper", "build_regionspot_test_loader", "build_regionspot_train_mapper",
            "build_regionspot_train_loader"]
 
 
-def build_regionspot_test_mapper(cfg) -> DatasetMapper:
+BOX_RESCALE_MODES = ("authors", "fixed")
+PROPOSAL_MODES = ("as_given", "detectron2")
+
+
+def box_scale_factors(original_size, resized_size, mode: str) -> Tuple[float, float]:
     """
-    Test-time mapper: the image at its original size (SAM and CLIP make their own views with one
-    resize) with its annotations kept (the GT-box protocol needs them; detectron2's default test
-    mapper drops them) and precomputed proposals when ``MODEL.LOAD_PROPOSALS``.
+    (x, y) factors that bring boxes from the original image into the resized one.
+
+    Args:
+        original_size, resized_size: (height, width).
+        mode: "fixed" (x by the width ratio, y by the height ratio) or "authors" (x by the height
+            ratio, y by the width ratio, as the authors' evaluation helper does: equal up to the
+            rounding of the resized size, so up to ~0.3 px off).
     """
-    return DatasetMapper(
-        # is_train=True is what keeps annotations in DatasetMapper; no augmentation is applied.
+    (h0, w0), (h1, w1) = original_size, resized_size
+    if mode == "fixed":
+        return w1 / w0, h1 / h0
+    if mode == "authors":
+        return h1 / h0, w1 / w0
+    raise ValueError(f"MODEL.REGIONSPOT.PROTOCOL.BOX_RESCALE={mode!r}: use one of {BOX_RESCALE_MODES}.")
+
+
+class RegionSpotTestMapper(DatasetMapper):
+    """
+    Test-time mapper of the ``RegionSpot`` meta-architecture.
+
+    The image is resized as by detectron2's default test mapper (``ResizeShortestEdge(MIN_SIZE_TEST,
+    MAX_SIZE_TEST)``, PIL bilinear on uint8; ``MIN_SIZE_TEST`` 0 keeps the original size); SAM and
+    CLIP then make their views from that image. GT boxes (annotations are kept: the GT-box
+    protocol needs them; detectron2's test mapper drops them) and precomputed proposals are scaled
+    into the resized frame with ``MODEL.REGIONSPOT.PROTOCOL.BOX_RESCALE``; proposals are used as
+    given or the detectron2 way (``PROTOCOL.PROPOSALS``). ``height``/``width`` stay the original
+    size, to which the model brings its results back.
+    """
+
+    def __init__(self, *, box_rescale: str = "fixed", proposals: str = "as_given", **kwargs):
+        """
+        Args:
+            box_rescale: see :func:`box_scale_factors`.
+            proposals: "as_given" (every box of the file, unclipped, uncapped) or "detectron2"
+                (clipped, empty ones dropped, the first ``precomputed_proposal_topk`` kept).
+            kwargs: of ``DatasetMapper``.
+        """
+        super().__init__(**kwargs)
+        if box_rescale not in BOX_RESCALE_MODES:
+            raise ValueError(f"MODEL.REGIONSPOT.PROTOCOL.BOX_RESCALE={box_rescale!r}: use one of {BOX_RESCALE_MODES}.")
+        if proposals not in PROPOSAL_MODES:
+            raise ValueError(f"MODEL.REGIONSPOT.PROTOCOL.PROPOSALS={proposals!r}: use one of {PROPOSAL_MODES}.")
+        self.box_rescale = box_rescale
+        self.proposals_mode = proposals
+
+    def __call__(self, dataset_dict):
+        d = copy.deepcopy(dataset_dict)
+        image = utils.read_image(d["file_name"], format=self.image_format)
+        utils.check_image_size(d, image)
+        original_size = tuple(image.shape[:2])
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        image_size = tuple(image.shape[:2])
+        d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        d.setdefault("height", original_size[0])
+        d.setdefault("width", original_size[1])
+        scale = np.array(box_scale_factors(original_size, image_size, self.box_rescale) * 2, dtype=np.float64)
+
+        if self.proposal_topk is not None and "proposal_boxes" in d:
+            if self.proposals_mode == "detectron2":
+                utils.transform_proposals(d, image_size, transforms, proposal_topk=self.proposal_topk)
+            else:
+                boxes = BoxMode.convert(
+                    np.asarray(d.pop("proposal_boxes"), dtype=np.float64).reshape(-1, 4),
+                    d.pop("proposal_bbox_mode"),
+                    BoxMode.XYXY_ABS,
+                )
+                proposals = Instances(image_size)
+                proposals.proposal_boxes = Boxes(torch.as_tensor(boxes * scale, dtype=torch.float32))
+                proposals.objectness_logits = torch.as_tensor(
+                    np.asarray(d.pop("proposal_objectness_logits"), dtype=np.float32)
+                )
+                d["proposals"] = proposals
+
+        if "annotations" in d:
+            annos = []
+            for obj in d.pop("annotations"):
+                if obj.get("iscrowd", 0):
+                    continue
+                obj = {k: v for k, v in obj.items() if k not in ("segmentation", "keypoints")}
+                box = BoxMode.convert(obj["bbox"], obj["bbox_mode"], BoxMode.XYXY_ABS)
+                box = np.asarray(box, dtype=np.float64) * scale
+                # As detectron2 transforms annotations: clipped at the image's far edges.
+                obj["bbox"] = np.minimum(box, [image_size[1], image_size[0]] * 2)
+                obj["bbox_mode"] = BoxMode.XYXY_ABS
+                annos.append(obj)
+            instances = utils.annotations_to_instances(annos, image_size)
+            d["instances"] = utils.filter_empty_instances(instances)
+        return d
+
+
+def build_regionspot_test_mapper(cfg) -> RegionSpotTestMapper:
+    """
+    The :class:`RegionSpotTestMapper` of ``cfg``: ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``
+    (0: original size), ``MODEL.REGIONSPOT.PROTOCOL.*`` and precomputed proposals when
+    ``MODEL.LOAD_PROPOSALS``.
+    """
+    min_size, max_size = int(cfg.INPUT.MIN_SIZE_TEST), int(cfg.INPUT.MAX_SIZE_TEST)
+    if min_size < 0:
+        raise ValueError(f"INPUT.MIN_SIZE_TEST={min_size}: use 0 (original size) or a short-side length such as 800.")
+    augmentations = [T.ResizeShortestEdge(min_size, max_size, "choice")] if min_size > 0 else []
+    return RegionSpotTestMapper(
+        # is_train=True is what keeps annotations in DatasetMapper; the augmentations are the above.
         is_train=True,
-        augmentations=[],
+        augmentations=augmentations,
         image_format=cfg.INPUT.FORMAT,
         use_instance_mask=False,
         precomputed_proposal_topk=(
             cfg.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST if cfg.MODEL.LOAD_PROPOSALS else None
         ),
+        box_rescale=cfg.MODEL.REGIONSPOT.PROTOCOL.BOX_RESCALE,
+        proposals=cfg.MODEL.REGIONSPOT.PROTOCOL.PROPOSALS,
     )
 
 

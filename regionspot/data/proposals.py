@@ -139,14 +139,17 @@ def detections_to_proposals(
     min_score: float = 0.0,
     max_per_image: Optional[int] = None,
     class_agnostic_nms_iou: Optional[float] = None,
+    merge_duplicates: bool = False,
 ) -> Dict[str, Any]:
     """
     Convert COCO-format detection results into detectron2's precomputed-proposal dict.
 
-    Per image, in this order: detections with ``score < min_score`` are dropped; boxes reported
-    several times with exactly the same coordinates (GLIP writes one entry per class) are merged
-    into one box keeping the maximum score; boxes are sorted by descending score; optional
-    class-agnostic NMS (``torchvision.ops.nms``); optional cap of ``max_per_image`` boxes.
+    Per image, in this order: detections with ``score < min_score`` are dropped; with
+    ``merge_duplicates``, boxes reported several times with exactly the same coordinates (GLIP
+    writes one entry per class) are merged into one box keeping the maximum score; boxes are
+    sorted by descending score; optional class-agnostic NMS (``torchvision.ops.nms``); optional
+    cap of ``max_per_image`` boxes. With the defaults every detection becomes a proposal, as in the
+    authors' evaluation.
     ``category_id`` (and ``segmentation``) are ignored: RegionSpot classifies the boxes itself.
 
     Args:
@@ -161,6 +164,9 @@ def detections_to_proposals(
             None or 0 keeps all.
         class_agnostic_nms_iou (float or None): IoU threshold of a class-agnostic NMS applied per
             image after merging duplicates. None or 0 disables it.
+        merge_duplicates (bool): merge boxes reported several times with identical coordinates.
+            Off by default: the authors' protocol uses every box of the detector's file, and since
+            the regions of an image attend to each other, merging moves the other regions' logits.
 
     Returns:
         dict: ``{"ids": list, "boxes": list of float32 (N_i, 4) XYXY_ABS arrays,
@@ -276,8 +282,9 @@ def detections_to_proposals(
         b = boxes[bounds[k] : bounds[k + 1]]
         s = scores[bounds[k] : bounds[k + 1]]
         n_before = len(b)
-        b, s = _merge_duplicates(b, s)
-        merged_total += n_before - len(b)
+        if merge_duplicates:
+            b, s = _merge_duplicates(b, s)
+            merged_total += n_before - len(b)
         # XYWH -> XYXY
         b = b.copy()
         b[:, 2:] += b[:, :2]

@@ -93,15 +93,22 @@ class ClipDenseFeatures(FrozenModule):
     Frozen CLIP giving the dense feature map of the whole image and encoding text.
 
     The image is resized to ``input_size`` x ``input_size`` (aspect ratio not kept; bilinear,
-    ``align_corners=False``, no antialias, on the [0, 1] float image) and normalised with CLIP's
+    ``align_corners=False``, antialiased only with ``antialias``, on the [0, 1] float image) and normalised with CLIP's
     mean/std. The feature map is the token sequence out of the last residual block, class token
     included, before ``ln_post`` and the projection: [B, 1 + G*G, D_v].
     """
 
-    def __init__(self, model: CLIP, input_size: int):
+    def __init__(self, model: CLIP, input_size: int, antialias: bool = False):
+        """
+        Args:
+            model: a stock ``clip.model.CLIP``.
+            input_size: side S of the square view.
+            antialias: antialias the resize to S x S (``MODEL.REGIONSPOT.CLIP.RESIZE_ANTIALIAS``).
+        """
         super().__init__()
         self.model = model
         self.input_size = int(input_size)
+        self.antialias = bool(antialias)
         patch = model.visual.conv1.kernel_size[0]
         if self.input_size % patch != 0:
             raise ValueError(
@@ -162,7 +169,9 @@ class ClipDenseFeatures(FrozenModule):
         Returns:
             [B, 3, S, S] normalised CLIP input.
         """
-        x = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        x = F.interpolate(
+            images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=self.antialias
+        )
         return (x - self.pixel_mean) / self.pixel_std
 
     def image_to_tensor(self, image: np.ndarray) -> torch.Tensor:

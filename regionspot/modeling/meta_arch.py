@@ -160,8 +160,15 @@ class RegionSpot(nn.Module):
             results, _ = self.roi_heads(images, {}, self._regions(batched_inputs, images), None)
         if not do_postprocess:
             return results
+        # Detections (not given boxes, which keep their order) whose box is empty once clipped to the
+        # image are dropped, as detectron2's detector_postprocess does.
+        drop_empty = detected_instances is None
         return [
-            {"instances": rescale_results(r, x.get("height", r.image_size[0]), x.get("width", r.image_size[1]))}
+            {
+                "instances": rescale_results(
+                    r, x.get("height", r.image_size[0]), x.get("width", r.image_size[1]), drop_empty=drop_empty
+                )
+            }
             for r, x in zip(results, batched_inputs)
         ]
 
@@ -174,10 +181,14 @@ def batch_vocabulary(batched_inputs: List[Dict]) -> Optional[str]:
     return names.pop() if names else None
 
 
-def rescale_results(instances: Instances, height: int, width: int) -> Instances:
+def rescale_results(instances: Instances, height: int, width: int, drop_empty: bool = False) -> Instances:
     """
-    Results at the requested output size: boxes scaled, SAM masks up-sampled from their logits to
-    (height, width). Unlike ``detector_postprocess`` no box is dropped, so given boxes keep their order.
+    Results at the requested output size: boxes scaled (x by the width ratio, y by the height
+    ratio) and clipped, SAM masks brought to (height, width) as their ``SamMasks.resize`` says.
+
+    Args:
+        drop_empty: drop detections whose clipped box is empty (as ``detector_postprocess``); keep
+            False for given boxes, which must keep their order and count.
     """
     h, w = instances.image_size
     out = Instances((height, width), **instances.get_fields())
@@ -185,6 +196,10 @@ def rescale_results(instances: Instances, height: int, width: int) -> Instances:
         out.pred_boxes = out.pred_boxes.clone()
         out.pred_boxes.scale(width / w, height / h)
         out.pred_boxes.clip(out.image_size)
+    if drop_empty and out.has("pred_boxes"):
+        # All-zero boxes are the placeholders of point prompts without masks: kept.
+        placeholder = (out.pred_boxes.tensor == 0).all(dim=1)
+        out = out[out.pred_boxes.nonempty() | placeholder]
     if out.has("pred_masks") and isinstance(out.pred_masks, ROIMasks):
         out.pred_masks = out.pred_masks.to_bitmasks(out.pred_boxes, height, width).tensor
     return out

@@ -22,7 +22,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from .clip_features import ClipDenseFeatures, build_clip
 from .frozen import keep_out_of_checkpoints
 from .fusion import RegionSpotFusion, region_text_logits
-from .masks import SamMasks
+from .masks import MASK_RESIZE_MODES, SamMasks
 from .sam_tokens import SamImageState, SamRegionTokens, build_sam
 from .text_embeddings import PROMPT_TEMPLATES, TextEmbeddingCache
 
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["RegionSpotROIHeads", "images_to_rgb_uint8", "select_detections", "vocabulary_from_config"]
 
 SCORING_MODES = ("topk_pairs", "per_region")
+BOX_SCORE_ORDERS = ("after_topk", "before_topk")
 
 
 def vocabulary_from_config(cfg, required: bool = True) -> List[str]:
@@ -79,6 +80,8 @@ def select_detections(
     topk: int,
     max_detections: int,
     score_thresh: float,
+    box_score_order: str = "after_topk",
+    valid_regions: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     Turn region x class probabilities into detections.
@@ -91,16 +94,30 @@ def select_detections(
         topk: k of "topk_pairs".
         max_detections: cap after selection (``TEST.DETECTIONS_PER_IMAGE``); <= 0 for none.
         score_thresh: minimum score.
+        box_score_order: with ``box_scores`` in "topk_pairs": "after_topk" takes the top ``topk``
+            pairs by class probability, then multiplies by the box score (the authors'
+            evaluation); "before_topk" takes the top ``topk`` pairs of the product.
+        valid_regions: [N] bool; pairs of other regions are dropped after the top-k and before
+            the cap (as the authors drop detections whose clipped box is empty before LVIS keeps
+            the best 300 of an image).
 
     Returns:
         region indices [K], class indices [K], scores [K], sorted by descending score.
     """
-    scores = probs if box_scores is None else probs * box_scores[:, None]
+    if box_score_order not in BOX_SCORE_ORDERS:
+        raise ValueError(f"MODEL.REGIONSPOT.BOX_SCORE_ORDER={box_score_order!r}: use one of {BOX_SCORE_ORDERS}.")
+    after_topk = mode == "topk_pairs" and box_scores is not None and box_score_order == "after_topk"
+    scores = probs if box_scores is None or after_topk else probs * box_scores[:, None]
     num_classes = scores.shape[1]
     if mode == "topk_pairs":
         k = min(topk, scores.numel())
         top, flat = scores.flatten().topk(k)
         regions, classes = flat // num_classes, flat % num_classes
+        if after_topk:
+            top = top * box_scores[regions]
+            # Stable, so pairs of equal score keep the order of their class probabilities.
+            top, order = top.sort(descending=True, stable=True)
+            regions, classes = regions[order], classes[order]
     elif mode == "per_region":
         top, classes = scores.max(dim=1) if scores.shape[0] else (scores.new_zeros(0), scores.new_zeros(0, dtype=torch.long))
         order = top.argsort(descending=True)
@@ -108,9 +125,12 @@ def select_detections(
     else:
         raise ValueError(f"MODEL.REGIONSPOT.SCORING={mode!r}: use one of {SCORING_MODES}.")
     keep = top > score_thresh
+    if valid_regions is not None:
+        keep &= valid_regions[regions]
+    regions, classes, top = regions[keep], classes[keep], top[keep]
     if max_detections > 0:
-        keep &= torch.arange(len(top), device=top.device) < max_detections
-    return regions[keep], classes[keep], top[keep]
+        regions, classes, top = regions[:max_detections], classes[:max_detections], top[:max_detections]
+    return regions, classes, top
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -145,6 +165,8 @@ class RegionSpotROIHeads(nn.Module):
         mask_on: bool = True,
         prompt_chunk_size: int = 32,
         mask_second_pass_min_prompts: int = 0,
+        box_score_order: str = "after_topk",
+        mask_resize: str = "fixed",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         text_cache: Optional[TextEmbeddingCache] = None,
@@ -162,6 +184,9 @@ class RegionSpotROIHeads(nn.Module):
             prompt_chunk_size: prompts decoded by SAM at once.
             mask_second_pass_min_prompts: from this many prompts on, masks are decoded again for
                 the surviving regions only instead of kept for all (0: never).
+            box_score_order: see :func:`select_detections`.
+            mask_resize: how masks of a resized test image reach the original size (see
+                :class:`SamMasks`): "authors" or "fixed".
             focal_alpha, focal_gamma: training loss.
             text_cache: cache of vocabulary embeddings.
             text_batch_size: sentences per text-tower forward.
@@ -169,6 +194,10 @@ class RegionSpotROIHeads(nn.Module):
         super().__init__()
         if scoring not in SCORING_MODES:
             raise ValueError(f"MODEL.REGIONSPOT.SCORING={scoring!r}: use one of {SCORING_MODES}.")
+        if box_score_order not in BOX_SCORE_ORDERS:
+            raise ValueError(f"MODEL.REGIONSPOT.BOX_SCORE_ORDER={box_score_order!r}: use one of {BOX_SCORE_ORDERS}.")
+        if mask_resize not in MASK_RESIZE_MODES:
+            raise ValueError(f"MODEL.REGIONSPOT.PROTOCOL.MASK_RESIZE={mask_resize!r}: use one of {MASK_RESIZE_MODES}.")
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT={input_format!r}: RegionSpot reads RGB or BGR images.")
         self.sam = sam
@@ -187,6 +216,8 @@ class RegionSpotROIHeads(nn.Module):
         self.mask_on = mask_on
         self.prompt_chunk_size = prompt_chunk_size
         self.mask_second_pass_min_prompts = mask_second_pass_min_prompts
+        self.box_score_order = box_score_order
+        self.mask_resize = mask_resize
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.text_cache = text_cache or TextEmbeddingCache()
@@ -213,6 +244,7 @@ class RegionSpotROIHeads(nn.Module):
         clip = ClipDenseFeatures(
             build_clip(rs.CLIP.TYPE, rs.CLIP.WEIGHTS, rs.RANDOM_INIT_FROZEN, rs.RANDOM_INIT_SEED + 1),
             rs.CLIP.INPUT_SIZE,
+            antialias=rs.CLIP.RESIZE_ANTIALIAS,
         ).set_precision(rs.FROZEN_PRECISION).to(device)
         fusion = RegionSpotFusion(
             token_dim=sam.token_dim,
@@ -239,6 +271,8 @@ class RegionSpotROIHeads(nn.Module):
             "mask_on": rs.MASK_ON,
             "prompt_chunk_size": rs.PROMPT_CHUNK_SIZE,
             "mask_second_pass_min_prompts": rs.MASK_SECOND_PASS_MIN_PROMPTS,
+            "box_score_order": rs.BOX_SCORE_ORDER,
+            "mask_resize": rs.PROTOCOL.MASK_RESIZE,
             "focal_alpha": rs.FOCAL_ALPHA,
             "focal_gamma": rs.FOCAL_GAMMA,
             "text_cache": TextEmbeddingCache(rs.TEXT_CACHE_DIR or None),
@@ -436,8 +470,14 @@ class RegionSpotROIHeads(nn.Module):
             scores, classes = probs.max(dim=1) if len(probs) else (probs.new_zeros(0), probs.new_zeros(0, dtype=torch.long))
             region_idx = torch.arange(len(probs), device=probs.device)
         else:
+            valid = None
+            if boxes is not None:  # detections whose box is empty once clipped to the image are dropped
+                clipped = Boxes(boxes.to(probs.device).clone())
+                clipped.clip(image_size)
+                valid = clipped.nonempty()
             region_idx, classes, scores = select_detections(
-                probs, box_scores, self.scoring, self.topk, self.detections_per_image, self.score_thresh
+                probs, box_scores, self.scoring, self.topk, self.detections_per_image, self.score_thresh,
+                self.box_score_order, valid,
             )
         out = Instances(image_size)
         boxes_from_masks = boxes is None and self.mask_on
@@ -462,7 +502,9 @@ class RegionSpotROIHeads(nn.Module):
                 ).low_res_masks
             else:
                 low_res = sam_out.low_res_masks[kept]
-            out.pred_masks = SamMasks(low_res, index, self.sam.sam, state.input_size)
+            out.pred_masks = SamMasks(
+                low_res, index, self.sam.sam, state.input_size, source_size=image_size, resize=self.mask_resize
+            )
             if boxes_from_masks:
                 out.pred_boxes = out.pred_masks.to_bitmasks(None, *image_size).get_bounding_boxes()
         return out
