@@ -5,6 +5,7 @@ loss, extraction resumes, stale and corrupt caches are refused, and the trainer 
 without running SAM or CLIP.
 """
 import copy
+import json
 import importlib.util
 import os
 import shutil
@@ -207,6 +208,18 @@ def test_stale_cache_is_refused(cache_copy, opts, field):
     with pytest.raises(StaleFeatureCacheError, match="fingerprint of|input size|precision"):
         FeatureCache(str(cache_copy)).check(build_model(_cfg(*opts)))
     assert (cache_copy / MANIFEST_NAME).read_text() == manifest  # refused before writing anything
+
+
+def test_clip_antialias_is_recorded(cache_copy):
+    """A cache of the un-antialiased CLIP view is refused with antialias on; old manifests read as off."""
+    cfg = _cfg("MODEL.REGIONSPOT.FEATURE_CACHE.DIR", str(cache_copy), "MODEL.REGIONSPOT.CLIP.RESIZE_ANTIALIAS", True)
+    with pytest.raises(StaleFeatureCacheError, match="RESIZE_ANTIALIAS is False in the cache but True"):
+        build_cached_train_loader(cfg)
+    manifest = json.loads((cache_copy / MANIFEST_NAME).read_text())
+    settings = manifest.get("settings", manifest)
+    del settings["clip"]["resize_antialias"]
+    (cache_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    build_cached_train_loader(_cfg("MODEL.REGIONSPOT.FEATURE_CACHE.DIR", str(cache_copy)))
 
 
 def test_stale_view_or_dataset_and_missing_dataset(cache_copy, tmp_path):

@@ -82,11 +82,11 @@ def merged_record(record):
     return dict(record, proposal_boxes=boxes[keep], proposal_objectness_logits=logits[keep], kept_rows=keep)
 
 
-def build_cfg(args, vocabulary, overrides):
+def build_cfg(args, overrides):
     cfg = get_regionspot_cfg(args.config_file or VARIANTS[args.variant], args.opts)
     cfg.merge_from_list([
         "MODEL.DEVICE", args.device, "MODEL.LOAD_PROPOSALS", True, "MODEL.REGIONSPOT.BOX_SOURCE", "PROPOSALS",
-        "MODEL.REGIONSPOT.VOCABULARY", "custom", "MODEL.REGIONSPOT.CUSTOM_VOCABULARY", vocabulary,
+        "DATASETS.TEST", (), "DATASETS.TRAIN", (), "MODEL.REGIONSPOT.VOCABULARY", "dataset",
         "INPUT.MIN_SIZE_TEST", 800, "INPUT.MAX_SIZE_TEST", 1333, "MODEL.REGIONSPOT.TOPK", 900,
         "TEST.DETECTIONS_PER_IMAGE", 300, "DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST", 1000,
         "MODEL.REGIONSPOT.PROTOCOL.BOX_RESCALE", "authors", "MODEL.REGIONSPOT.PROTOCOL.MASK_RESIZE", "authors",
@@ -99,6 +99,22 @@ def build_cfg(args, vocabulary, overrides):
     cfg.merge_from_list(overrides)
     cfg.freeze()
     return cfg
+
+
+def set_vocabulary(head, cfg, num_classes):
+    """
+    LVIS's class names encoded by CLIP with real weights; with random weights, seeded random unit
+    vectors (encoding 97k sentences with a random text tower would only cost time).
+    """
+    if cfg.MODEL.REGIONSPOT.RANDOM_INIT_FROZEN:
+        g = torch.Generator().manual_seed(1)
+        emb = torch.randn(num_classes, head.clip.embed_dim, generator=g)
+        head.set_vocabulary([f"class {i}" for i in range(num_classes)], emb / emb.norm(dim=1, keepdim=True))
+        return
+    from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
+
+    names = [c["name"] for c in sorted(LVIS_CATEGORIES, key=lambda c: c["id"])][:num_classes]
+    head.set_vocabulary(names)
 
 
 def run_protocol(model, cfg, record, file_record=None):
@@ -155,7 +171,6 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    vocabulary = [f"class {i}" for i in range(args.num_classes)]
 
     results = {"variant": args.config_file or args.variant, "num_boxes": args.num_boxes,
                "num_classes": args.num_classes, "images": {}}
@@ -170,13 +185,14 @@ def main():
                       "proposal_bbox_mode": BoxMode.XYXY_ABS}
             outs = {}
             for proto, overrides in PROTOCOLS.items():
-                cfg = build_cfg(args, vocabulary, overrides)
+                cfg = build_cfg(args, overrides)
                 key = cfg.MODEL.REGIONSPOT.CLIP.RESIZE_ANTIALIAS
                 if key not in models:  # one model per CLIP view setting (same seeded weights)
                     torch.manual_seed(0)
                     models[key] = build_model(cfg).eval()
                     if cfg.MODEL.WEIGHTS:
                         RegionSpotCheckpointer(models[key]).load(cfg.MODEL.WEIGHTS)
+                    set_vocabulary(models[key].roi_heads, cfg, args.num_classes)
                 model = models[key]
                 head = model.roi_heads
                 head.box_score_order = cfg.MODEL.REGIONSPOT.BOX_SCORE_ORDER

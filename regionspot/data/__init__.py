@@ -1,5 +1,6 @@
 """Datasets of RegionSpot; importing this package registers them (detectron2 style)."""
 from .lvis import LVIS_MINIVAL_NAME, patch_lvis_numpy, register_lvis_minival
+from .odinw import register_odinw
 from .mappers import (
     build_regionspot_test_loader,
     build_regionspot_test_mapper,
@@ -16,6 +17,8 @@ register_shapes_datasets()
 register_lvis_minival()
 # registers objects365_v1_{train,val}, v3det_{train,val}, openimages_v6_{train,val} (COCO json, read lazily)
 register_training_datasets()
+# registers odinw13_<dataset>_{val,minival,test} (GLIP's ODinW release under $DETECTRON2_DATASETS/odinw/)
+register_odinw()
 # lets lvis==0.5.3 evaluate with numpy >= 1.24 (restores np.float)
 patch_lvis_numpy()
 
@@ -32,6 +35,7 @@ __all__ = [
     "generate_shapes_split",
     "patch_lvis_numpy",
     "register_lvis_minival",
+    "register_odinw",
     "register_shapes_datasets",
     "register_training_datasets",
 ]

@@ -333,6 +333,7 @@ def settings_from_cfg(cfg, model=None) -> dict:
             "random_init_seed": None if weights else int(rs.RANDOM_INIT_SEED),
         }
     out["clip"]["input_size"] = int(rs.CLIP.INPUT_SIZE)
+    out["clip"]["resize_antialias"] = bool(rs.CLIP.RESIZE_ANTIALIAS)
     out["frozen_precision"] = rs.FROZEN_PRECISION
     prints = frozen_fingerprints(model) if model is not None else None
     if prints is None and not (rs.SAM.WEIGHTS and rs.CLIP.WEIGHTS):
@@ -354,6 +355,7 @@ _CFG_FIELDS = (
     (("clip", "weights_sha256"), "the SHA-256 of MODEL.REGIONSPOT.CLIP.WEIGHTS (None: seeded random weights)"),
     (("clip", "random_init_seed"), "MODEL.REGIONSPOT.RANDOM_INIT_SEED (CLIP's random weights)"),
     (("clip", "input_size"), "MODEL.REGIONSPOT.CLIP.INPUT_SIZE"),
+    (("clip", "resize_antialias"), "MODEL.REGIONSPOT.CLIP.RESIZE_ANTIALIAS"),
     (("frozen_precision",), "MODEL.REGIONSPOT.FROZEN_PRECISION (None: a cache written before it was recorded)"),
 )
 _MODEL_FIELDS = (
@@ -375,9 +377,15 @@ def _get(d: dict, path: Sequence[str]):
     return d
 
 
+# Values of settings recorded later, for caches written before them.
+_RECORDED_LATER = {("clip", "resize_antialias"): False}
+
+
 def _compare(root: str, cached: dict, current: dict, fields, what: str):
     for path, label in fields:
         a, b = _get(cached, path), _get(current, path)
+        if a is None and path in _RECORDED_LATER:
+            a = _RECORDED_LATER[path]
         if a != b:
             raise StaleFeatureCacheError(
                 f"Feature cache {root} is stale: {label} is {a!r} in the cache but {b!r} in {what}. {_RERUN} "
@@ -506,6 +514,7 @@ class FeatureCache:
                     "type": rs.CLIP.TYPE,
                     "random_init_seed": None if rs.CLIP.WEIGHTS else int(rs.RANDOM_INIT_SEED),
                     "input_size": int(rs.CLIP.INPUT_SIZE),
+                    "resize_antialias": bool(rs.CLIP.RESIZE_ANTIALIAS),
                 },
                 "frozen_precision": rs.FROZEN_PRECISION,
             }
