@@ -188,7 +188,7 @@ def test_detectron2_loads_written_pickle(tmp_path):
             _det(1, [0, 0, 5, 5], 0.9, category_id=1),
             _det(1, [0, 0, 5, 5], 0.6, category_id=2),  # duplicate of the 0.9 box
         ]
-        proposals = detections_to_proposals(dets, image_ids=[d["image_id"] for d in dataset])
+        proposals = detections_to_proposals(dets, image_ids=[d["image_id"] for d in dataset], merge_duplicates=True)
         path = tmp_path / "proposals.pkl"
         save_proposals(proposals, str(path))
 

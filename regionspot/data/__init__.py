@@ -1,5 +1,6 @@
 """Datasets of RegionSpot; importing this package registers them (detectron2 style)."""
 from .lvis import LVIS_MINIVAL_NAME, patch_lvis_numpy, register_lvis_minival
+from .lvis_vild import LVIS_V1_TRAIN_BASE, register_lvis_vild
 from .odinw import register_odinw
 from .mappers import (
     build_regionspot_test_loader,
@@ -17,6 +18,8 @@ register_shapes_datasets()
 register_lvis_minival()
 # registers objects365_v1_{train,val}, v3det_{train,val}, openimages_v6_{train,val} (COCO json, read lazily)
 register_training_datasets()
+# registers lvis_v1_train_base: LVIS v1 train without rare-class annotations (ViLD's base split)
+register_lvis_vild()
 # registers odinw13_<dataset>_{val,minival,test} (GLIP's ODinW release under $DETECTRON2_DATASETS/odinw/)
 register_odinw()
 # lets lvis==0.5.3 evaluate with numpy >= 1.24 (restores np.float)
@@ -36,6 +39,8 @@ __all__ = [
     "patch_lvis_numpy",
     "register_lvis_minival",
     "register_odinw",
+    "register_lvis_vild",
+    "LVIS_V1_TRAIN_BASE",
     "register_shapes_datasets",
     "register_training_datasets",
 ]
