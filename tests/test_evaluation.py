@@ -411,6 +411,30 @@ def test_lvis_oracle_gives_ap_100(tmp_path, subset, lvis_subset, monkeypatch):
         assert bbox[key] == pytest.approx(100.0, abs=1e-3), (key, bbox, frequency)
 
 
+def test_lvis_fixed_ap_selected_from_config(tmp_path, subset, lvis_subset, monkeypatch):
+    """MODEL.REGIONSPOT.EVAL.AP_KIND fixed: LVIS fixed AP through the same evaluation loop."""
+    from regionspot.evaluation import LVISFixedAPEvaluator
+
+    cfg = _make_cfg(
+        tmp_path, "DATASETS.TEST", (LVIS_SUBSET,), "MODEL.REGIONSPOT.MASK_ON", False,
+        "MODEL.REGIONSPOT.EVAL.AP_KIND", "fixed", "MODEL.REGIONSPOT.EVAL.FIXED_AP_TOPK_PER_CLASS", 50,
+    )
+    evaluator = Trainer.build_evaluator(cfg, LVIS_SUBSET)
+    assert isinstance(evaluator, LVISFixedAPEvaluator) and evaluator.topk_per_class == 50
+    model = _build(cfg)
+    _install_oracle(monkeypatch, model)
+    res = Trainer.test(cfg, model)[LVIS_SUBSET]
+    assert set(res) == {"bbox-fixed"}
+    for key in ("AP", "APr", "APc", "APf"):
+        assert res["bbox-fixed"][key] == pytest.approx(100.0, abs=1e-3), (key, res)
+    card = json.loads((tmp_path / "protocol_card.json").read_text())[0]
+    assert card["ap"]["kind"].startswith("fixed") and card["ap"]["topk_per_class"] == 50
+    # Fixed AP is an LVIS metric: asking it of a COCO-style dataset is refused up front.
+    coco_cfg = _make_cfg(tmp_path, "MODEL.REGIONSPOT.EVAL.AP_KIND", "fixed")
+    with pytest.raises(ValueError, match="AP_KIND 'standard'"):
+        Trainer.build_evaluator(coco_cfg, SUBSET)
+
+
 def test_lvis_anti_oracle_gives_ap_0(tmp_path, subset, lvis_subset, monkeypatch):
     cfg = _make_cfg(
         tmp_path, "DATASETS.TEST", (LVIS_SUBSET,), "MODEL.REGIONSPOT.MASK_ON", False,
