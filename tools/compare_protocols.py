@@ -160,6 +160,47 @@ def compare(ref, other):
     return out
 
 
+def mask_resize_by_object_size(sam, sizes, original=(480, 640), min_size=800, max_size=1333):
+    """
+    Masks of discs of known diameters through both MASK_RESIZE paths, against the true disc.
+
+    SAM-like low-resolution logits are made from the signed distance to a disc (drawn in SAM's
+    frame of the 800-scale image); "fixed" up-samples them to the original size and thresholds,
+    "authors" thresholds at the 800 scale and resizes with nearest neighbour. Returns, per
+    diameter (original pixels), the IoU between the two and of each with the exact disc.
+    """
+    from detectron2.data import transforms as T
+
+    from regionspot.modeling.masks import SamMasks
+
+    h0, w0 = original
+    tr = T.ResizeShortestEdge(min_size, max_size).get_transform(np.zeros((h0, w0, 3), np.uint8))
+    h8, w8 = tr.new_h, tr.new_w
+    side = sam.image_encoder.img_size
+    scale = side / max(h8, w8)
+    input_size = (int(h8 * scale + 0.5), int(w8 * scale + 0.5))
+    low = side // 4
+    out = {}
+    for d in sizes:
+        cy, cx = h0 * 0.5 + 0.3, w0 * 0.5 + 0.7  # off the pixel grid
+        # the disc in low-res logit coordinates (low-res pixel = 4 px of SAM's 1024 frame)
+        f = (h8 / h0) * scale / 4.0
+        yy, xx = torch.meshgrid(torch.arange(low) + 0.5, torch.arange(low) + 0.5, indexing="ij")
+        dist = ((yy - cy * f) ** 2 + (xx - cx * f) ** 2).sqrt()
+        logits = ((d / 2 * f - dist) * 8.0)[None, None]
+        yy0, xx0 = torch.meshgrid(torch.arange(h0) + 0.5, torch.arange(w0) + 0.5, indexing="ij")
+        truth = ((yy0 - cy) ** 2 + (xx0 - cx) ** 2) <= (d / 2) ** 2
+        masks = {mode: SamMasks(logits, torch.zeros(1, dtype=torch.long), sam, input_size, (h8, w8), mode)
+                 .to_bitmasks(None, h0, w0).tensor[0] for mode in ("authors", "fixed")}
+
+        def iou(a, b):
+            return float((a & b).sum()) / max(float((a | b).sum()), 1.0)
+
+        out[d] = {"authors_vs_fixed": iou(masks["authors"], masks["fixed"]),
+                  "authors_vs_disc": iou(masks["authors"], truth), "fixed_vs_disc": iou(masks["fixed"], truth)}
+    return {"original_size": [h0, w0], "resized": [h8, w8], "by_diameter_px": out}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="BB", choices=sorted(VARIANTS))
@@ -168,6 +209,8 @@ def main():
     parser.add_argument("--num-classes", type=int, default=1203, help="vocabulary size (LVIS: 1203)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", default="", help="write the figures as JSON here")
+    parser.add_argument("--mask-diameters", type=float, nargs="*", default=[5, 10, 20, 40, 80],
+                        help="disc diameters (original pixels) of the mask-resize measurement")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -208,6 +251,11 @@ def main():
             for proto, figures in results["images"][name].items():
                 if proto != "size":
                     print(f"  {proto:58s} {json.dumps(figures)}")
+    sam = next(iter(models.values())).roi_heads.sam.sam
+    results["mask_resize"] = mask_resize_by_object_size(sam, args.mask_diameters)
+    print("mask resize, discs in a 640x480 image (IoU):")
+    for d, figures in results["mask_resize"]["by_diameter_px"].items():
+        print(f"  diameter {d:5.1f} px  {json.dumps({k: round(v, 3) for k, v in figures.items()})}")
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=2)

@@ -3,6 +3,7 @@ from .lvis import LVIS_MINIVAL_NAME, patch_lvis_numpy, register_lvis_minival
 from .lvis_vild import LVIS_V1_TRAIN_BASE, register_lvis_vild
 from .odinw import register_odinw
 from .mappers import (
+    RegionSpotTestMapper,
     build_regionspot_test_loader,
     build_regionspot_test_mapper,
     build_regionspot_train_loader,
@@ -26,6 +27,7 @@ register_odinw()
 patch_lvis_numpy()
 
 __all__ = [
+    "RegionSpotTestMapper",
     "build_regionspot_test_loader",
     "build_regionspot_test_mapper",
     "build_regionspot_train_loader",

@@ -27,8 +27,10 @@ class RegionSpot(nn.Module):
     precomputed proposals (boxes from any detector). The work is done by the ROI head
     (``MODEL.ROI_HEADS.NAME``, normally ``RegionSpotROIHeads``); there is no backbone.
 
-    Images are read at their original size (no resize in the test mapper): SAM and CLIP build their
-    views with one resize from the original image, as the authors' predictor does.
+    At test time the mapper (:class:`regionspot.data.RegionSpotTestMapper`) resizes images as
+    ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` say (800/1333 in the shipped LVIS configs, the
+    authors' evaluation protocol; 0 keeps the original image); SAM and CLIP build their views from
+    that image, and results are brought back to the original ``height`` x ``width``.
     """
 
     @configurable
