@@ -7,7 +7,6 @@ Train or evaluate RegionSpot with detectron2's trainer.
         MODEL.WEIGHTS weights/regionspot_bb.pth
 """
 import logging
-import os
 import weakref
 
 import detectron2.utils.comm as comm

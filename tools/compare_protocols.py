@@ -33,7 +33,6 @@ import regionspot  # noqa: F401  (registers the meta-architecture)
 from regionspot import RegionSpotCheckpointer
 from regionspot.config import get_regionspot_cfg
 from regionspot.data import build_regionspot_test_mapper
-from regionspot.modeling.clip_features import CLIP_ARCHS
 
 logger = logging.getLogger("regionspot.compare_protocols")
 

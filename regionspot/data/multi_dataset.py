@@ -49,6 +49,7 @@ __all__ = [
     "dataset_class_names",
     "dataset_ratios",
     "local_main_process_first",
+    "read_coco_categories",
     "read_coco_category_names",
     "register_training_vocabularies",
 ]
@@ -225,15 +226,16 @@ def build_multi_dataset_train_loader(cfg, mapper_factory: Callable[..., Callable
 _CATEGORIES_KEY = re.compile(r'"categories"\s*:\s*\[')
 
 
-def read_coco_category_names(json_file: str, chunk_size: int = 1 << 24, max_categories_chars: int = 1 << 28) -> Optional[List[str]]:
+def read_coco_categories(
+    json_file: str, chunk_size: int = 1 << 24, max_categories_chars: int = 1 << 28
+) -> Optional[List[dict]]:
     """
-    Class names of a COCO-format json as ``load_coco_json`` makes them (``name`` of each category,
-    ordered by ``id``), read without parsing the rest of the file: the file is scanned chunk by
-    chunk for the ``"categories"`` array and only that array is decoded.
+    The ``"categories"`` array of a COCO-format json as stored, read without parsing the rest of the
+    file: the file is scanned chunk by chunk for the array and only that array is decoded.
 
     Returns:
-        the names, or None when no well-formed ``"categories"`` array was found (the caller then
-        loads the dataset the ordinary way).
+        the category dicts, or None when no well-formed, non-empty array with ``id`` and ``name``
+        in every entry was found.
     """
     decoder = json.JSONDecoder()
     with PathManager.open(json_file, "r", encoding="utf-8") as f:
@@ -260,6 +262,18 @@ def read_coco_category_names(json_file: str, chunk_size: int = 1 << 24, max_cate
     if not isinstance(categories, list) or not categories:
         return None
     if not all(isinstance(c, dict) and "id" in c and "name" in c for c in categories):
+        return None
+    return categories
+
+
+def read_coco_category_names(json_file: str, chunk_size: int = 1 << 24, max_categories_chars: int = 1 << 28) -> Optional[List[str]]:
+    """
+    Class names of a COCO-format json as ``load_coco_json`` makes them (``name`` of each category,
+    ordered by ``id``), from :func:`read_coco_categories`; None when the json has no usable
+    ``"categories"`` array (the caller then loads the dataset the ordinary way).
+    """
+    categories = read_coco_categories(json_file, chunk_size, max_categories_chars)
+    if categories is None:
         return None
     by_id = {c["id"]: c for c in categories}  # as pycocotools' index: the last entry of an id wins
     return [by_id[i]["name"] for i in sorted(by_id)]

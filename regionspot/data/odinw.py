@@ -57,16 +57,16 @@ ODinW numbers carry the same effect; this module leaves the jsons as they are (A
 GLIP computed it) and logs it when a loaded json has an annotation with id 0.
 """
 import functools
-import json
 import logging
 import os
-import re
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.utils.file_io import PathManager
+
+from .multi_dataset import read_coco_categories
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,6 @@ ODINW13_CLASS_NAMES: Dict[str, Tuple[str, ...]] = {
     "VehiclesOpenImages": ("Ambulance", "Bus", "Car", "Motorcycle", "Truck"),
 }
 
-_CATEGORIES_KEY = re.compile(r'"categories"\s*:\s*\[')
 # Registration warnings already logged in this process.
 _WARNED = set()
 
@@ -296,44 +295,6 @@ def available_odinw_datasets(
 
 # ---------------------------------------------------------------------------------------------
 # Categories
-def read_coco_categories(json_file: str, chunk_size: int = 1 << 16) -> Optional[List[dict]]:
-    """
-    The ``"categories"`` array of a COCO json, read without parsing the rest of the file (Roboflow
-    exports write it before the images and annotations, so one small chunk usually suffices).
-
-    Returns:
-        the category dicts as stored, or None when no well-formed array with ``id`` and ``name``
-        in every entry was found.
-    """
-    decoder = json.JSONDecoder()
-    with PathManager.open(json_file, "r", encoding="utf-8") as f:
-        buf = ""
-        while True:
-            chunk = f.read(chunk_size)
-            buf += chunk
-            m = _CATEGORIES_KEY.search(buf)
-            if m:
-                buf = buf[m.end() - 1 :]
-                break
-            if not chunk:
-                return None
-            buf = buf[-64:]  # the key may straddle two chunks
-        while True:
-            try:
-                categories, _ = decoder.raw_decode(buf)
-                break
-            except json.JSONDecodeError:
-                chunk = f.read(chunk_size)
-                if not chunk:
-                    return None
-                buf += chunk
-    if not isinstance(categories, list):
-        return None
-    if not all(isinstance(c, dict) and "id" in c and "name" in c for c in categories):
-        return None
-    return categories
-
-
 def _is_background(category: dict) -> bool:
     # Roboflow's dataset-level placeholder (id 0), or an explicit background class (GLIP's rule).
     return category["id"] == 0 or category["name"] == "__background__"
