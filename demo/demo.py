@@ -29,6 +29,13 @@ times the box's own score (the detector's score or the 5th JSON number; 1 withou
   left out with ``--no-masks``);
 * ``vocabulary.json``: the class names, index = ``category_id``.
 
+An image that cannot be read (missing, empty, not an image, truncated or corrupt) is skipped with one
+warning naming it and the cause; the others are processed and written, and a count of the skipped
+images ends the run (exit 0). ``--strict`` makes the first unreadable image an error (exit 2); a run in
+which no image can be read is always an error. 16-bit images are read as ``value >> 8``. ``--output``
+may not be a folder that holds an input image (nor an input file itself): the visualisations are
+named after the inputs and would overwrite them.
+
 The default config (``configs/RegionSpot-tiny_shapes.yaml``) uses tiny SAM/CLIP with random stand-in
 weights: it runs anywhere but recognises nothing real. See the README for the released weights.
 """
@@ -94,6 +101,10 @@ def get_parser() -> argparse.ArgumentParser:
         help="minimum region score: class probability x box score (default: %(default)s)",
     )
     p.add_argument("--no-masks", action="store_true", help="neither draw nor save SAM masks (faster)")
+    p.add_argument(
+        "--strict", action="store_true",
+        help="stop at the first unreadable image (default: skip it with a warning and go on)",
+    )
     p.add_argument("--cpu", action="store_true", help="run on the CPU (MODEL.DEVICE cpu)")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE", help="RegionSpot config overrides")
     return p
@@ -184,15 +195,75 @@ def load_boxes_json(path):
     return out
 
 
-def _check_image_header(path):
-    """Fail before any model is built when a file is not an image (PIL reads only the header here)."""
-    from PIL import Image
+def check_output_folder(output, patterns, files, boxes_path=None):
+    """
+    Refuse an ``--output`` that would overwrite the user's files: an input file itself, a folder given
+    as ``--input``, a folder that holds an input image (the visualisations are named after the inputs),
+    or a folder where ``results.json``/``vocabulary.json`` would replace the ``--boxes`` file.
 
-    try:
-        with Image.open(path) as im:
-            im.size
-    except Exception as e:  # PIL raises several types for a file that is not an image
-        raise UsageError(f"Cannot read image {path}: {e}") from e
+    Raises:
+        UsageError: naming the input and suggesting another ``--output``.
+    """
+    def real(p):
+        return os.path.normcase(os.path.realpath(os.path.expanduser(p)))
+
+    out = real(output)
+    suggestion = f"Pass another folder, e.g. --output {os.path.join(os.path.dirname(out), os.path.basename(out) + '_regionspot')}"
+    for path in files:
+        if real(path) == out:
+            raise UsageError(f"--output {output} is the input file {path}: it would be overwritten. {suggestion}.")
+    if os.path.exists(os.path.expanduser(output)) and not os.path.isdir(os.path.expanduser(output)):
+        raise UsageError(f"--output {output} is a file, not a folder. Pass a folder (it is created if missing).")
+    for pattern in patterns:
+        if os.path.isdir(os.path.expanduser(pattern)) and real(pattern) == out:
+            raise UsageError(
+                f"--output {output} is the input folder {pattern}: the visualisations (named after the inputs) "
+                f"would overwrite your images. {suggestion}."
+            )
+    for path in files:
+        # Both the folder the path names and its target's folder: writing over a symlink to an
+        # image would overwrite the image itself.
+        if out in (real(os.path.dirname(os.path.abspath(os.path.expanduser(path)))), os.path.dirname(real(path))):
+            raise UsageError(
+                f"--output {output} holds the input image {path}: the visualisations (named after the inputs) "
+                f"would overwrite your images. {suggestion}."
+            )
+    if boxes_path:
+        for name in ("results.json", "vocabulary.json"):
+            if real(os.path.join(output, name)) == real(boxes_path):
+                raise UsageError(f"--output {output} would replace the --boxes file {boxes_path} by its {name}. {suggestion}.")
+
+
+def probe_inputs(files, boxes_map, strict):
+    """
+    Check the header of each image that will be processed (those with boxes, when a boxes JSON is
+    given) before any model is built: a file that is missing, empty or not an image is warned about
+    and skipped, or, with ``strict``, an error. Truncated files pass; the full read finds them.
+
+    Returns:
+        {path: ImageReadError} of the files to skip.
+
+    Raises:
+        UsageError: with ``strict`` at the first bad file, or when no image is left to process.
+    """
+    from regionspot.data.images import ImageReadError, probe_image
+
+    todo = [p for p in files if boxes_map is None or os.path.basename(p) in boxes_map or p in boxes_map]
+    bad = {}
+    for path in todo:
+        try:
+            probe_image(path)
+        except ImageReadError as e:
+            if strict:
+                raise UsageError(f"{e} (--strict: the first unreadable image stops the run)") from e
+            bad[path] = e
+    if todo and len(bad) == len(todo):
+        first, *others = bad
+        more = f" The other inputs cannot be read either: {', '.join(others)}." if others else ""
+        raise UsageError(f"{bad[first]}{more} No input image can be read: nothing to do.")
+    for e in bad.values():
+        logger.warning(f"{e} Skipping it (--strict makes this an error).")
+    return bad
 
 
 def _output_name(path, used):
@@ -365,16 +436,16 @@ def run(args):
     for pattern in unmatched:
         logger.warning(f"--input {pattern!r} matched no image file.")
     boxes_map = load_boxes_json(args.boxes) if args.boxes else None
-    for path in files:
-        if boxes_map is None or os.path.basename(path) in boxes_map or path in boxes_map:
-            _check_image_header(path)
+    # Before anything is read or built: never write over the user's images.
+    check_output_folder(args.output, args.input, files, args.boxes)
+    unreadable = probe_inputs(files, boxes_map, args.strict)
 
     import cv2
     import torch
-    from detectron2.data.detection_utils import read_image
     from tqdm import tqdm
 
     from regionspot import RegionSpotPredictor
+    from regionspot.data.images import ImageReadError, read_image
     from regionspot.data.vocabularies import get_vocabulary
 
     class_names = get_vocabulary(vocabulary_name, args.custom_vocabulary)
@@ -397,21 +468,29 @@ def run(args):
     os.makedirs(args.output, exist_ok=True)
     logger.info(f"{len(files)} input images -> {args.output}")
 
-    results, used_names, done, skipped = [], set(), 0, 0
+    # image_id stays the index in the sorted input list, also when images before it are skipped.
+    results, used_names, done, no_boxes = [], set(), 0, 0
     start = time.perf_counter()
     with torch.no_grad():
         for image_id, path in enumerate(tqdm(files, desc="RegionSpot", unit="image")):
+            if path in unreadable:  # already warned about by probe_inputs
+                continue
             base = os.path.basename(path)
             if boxes_map is not None:
                 entry = boxes_map.get(base, boxes_map.get(path))
                 if entry is None:
                     logger.warning(f"No boxes for {base!r} in {args.boxes}: skipping {path}.")
-                    skipped += 1
+                    no_boxes += 1
                     continue
             try:
                 image = read_image(path, format="RGB")
-            except Exception as e:  # PIL raises several types for a file that is not an image
-                raise UsageError(f"Cannot read image {path}: {e}") from e
+            except ImageReadError as e:
+                # Truncated or corrupt pixel data: only the full decode finds it.
+                if args.strict:
+                    raise UsageError(f"{e} (--strict: the first unreadable image stops the run)") from e
+                logger.warning(f"{e} Skipping it (--strict makes this an error).")
+                unreadable[path] = e
+                continue
             if not image.flags.writeable:  # PIL's buffer; torch warns about read-only arrays
                 image = image.copy()
             if boxes_map is not None:
@@ -427,6 +506,8 @@ def run(args):
             logger.debug(f"{path}: {len(boxes)} regions, {len(result['boxes'])} kept -> {out_path}")
             done += 1
 
+    if done == 0 and unreadable:
+        raise UsageError(f"No input image could be read ({len(unreadable)} unreadable, see the warnings): no results were written.")
     with open(os.path.join(args.output, "results.json"), "w") as f:
         json.dump(results, f)
     with open(os.path.join(args.output, "vocabulary.json"), "w") as f:
@@ -434,9 +515,12 @@ def run(args):
     if done == 0:
         logger.warning("No image was processed.")
     logger.info(
-        f"{done} images ({skipped} skipped), {len(results)} regions kept, {time.perf_counter() - start:.1f}s; "
+        f"{done} images, {len(results)} regions kept, {time.perf_counter() - start:.1f}s; "
         f"results in {os.path.join(args.output, 'results.json')}"
     )
+    skipped = len(unreadable) + no_boxes
+    if skipped:
+        print(f"{skipped} images skipped (see warnings): {len(unreadable)} unreadable, {no_boxes} without boxes.")
     return 0
 
 

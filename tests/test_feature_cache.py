@@ -23,6 +23,7 @@ from detectron2.structures import BoxMode
 
 from conftest import REPO_ROOT, TINY_CONFIG, tiny_cfg
 
+from regionspot.data import mappers
 from regionspot.data.feature_cache import (
     MANIFEST_NAME,
     CachedFeatureMapper,
@@ -293,6 +294,7 @@ def test_trainer_from_cache_runs_no_sam_clip_or_image_decoding(cache_dir, tmp_pa
     monkeypatch.setattr(head.sam, "encode_image", fail)
     monkeypatch.setattr(head.clip, "dense_features", fail)
     monkeypatch.setattr(utils, "read_image", fail)
+    monkeypatch.setattr(mappers, "read_image", fail)  # the reader of RegionSpot's mappers
     fusion = {n: p.detach().clone() for n, p in head.fusion.named_parameters()}
     losses = []
     trainer.register_hooks([_RecordLoss(losses)])

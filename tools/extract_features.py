@@ -21,6 +21,14 @@ re-running after an interruption, or with more views, only computes what is miss
 written first; a directory made with other settings (other SAM/CLIP weights, CLIP INPUT_SIZE, seed,
 view definitions, dataset size) is refused: use a new ``--output``.
 
+An image that cannot be read (missing, empty, not an image, truncated or corrupt; see
+``regionspot.data.images``) is skipped with one warning naming it, and the run goes on; the summary
+counts and lists them (``--strict`` makes the first one an error). A skipped image has no record, and
+the manifest still counts it, so training from the cache refuses it as incomplete ("has 5 of 6
+images"): it never trains silently without the image. Replace the file and run the extraction again
+with the same ``--output`` (only the missing records are computed), or remove the image from the
+dataset and extract into a new ``--output`` (the number of images is part of the manifest).
+
 Parallel extraction: ``--num-shards K --shard-index i`` (independent processes, e.g. one per GPU or
 machine, each takes the images i, i+K, ...), or ``--num-gpus N`` (detectron2's ``launch``: N local
 processes, NCCL on GPUs, gloo on the CPU, each taking its share of the shard). For CPU processes on a
@@ -59,6 +67,13 @@ def get_parser():
         help="resume by file existence only (faster on huge caches; corrupt files are then not rewritten)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--strict", action="store_true",
+        help="stop at the first unreadable image (default: skip it with a warning; the cache is then incomplete)",
+    )
+    from regionspot.data.user_datasets import add_dataset_arguments
+
+    add_dataset_arguments(p)  # --coco-dataset NAME JSON IMAGE_ROOT, for your own data in DATASETS.TRAIN
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
     return p
 
@@ -104,14 +119,19 @@ def extract_image(head, dataset_dict, views, chunk_size):
     """
     Features of one image in each of ``views``: yields (view, record fields) with fp32 tensors.
     The image is read once (RGB) and each view transforms it and its boxes together.
+
+    Raises:
+        regionspot.data.images.ImageReadError: the image file cannot be read (nothing yielded).
     """
     import numpy as np
     import torch
     from detectron2.data import detection_utils as utils
 
     from regionspot.data.feature_cache import annotations_digest, view_annotations
+    from regionspot.data.images import read_image
 
-    image = utils.read_image(dataset_dict["file_name"], format="RGB")
+    # Raises ImageReadError before the first record is yielded, so a bad image leaves no partial record.
+    image = read_image(dataset_dict["file_name"], format="RGB")
     utils.check_image_size(dataset_dict, image)
     digest = annotations_digest(dataset_dict.get("annotations"))
     for view in views:
@@ -148,6 +168,7 @@ def run(args):
         get_view,
         settings_from_cfg,
     )
+    from regionspot.data.images import ImageReadError
 
     setup_logger(name="regionspot", distributed_rank=comm.get_rank())
     setup_logger(name=logger.name, distributed_rank=comm.get_rank())
@@ -184,7 +205,8 @@ def run(args):
 
     prepare({})  # settings and views checked before any dataset is loaded
 
-    stats = dict(images=0, extracted=0, skipped=0, rewritten=0, records=0, regions=0, bytes=0)
+    stats = dict(images=0, extracted=0, skipped=0, rewritten=0, unreadable=0, records=0, regions=0, bytes=0)
+    stats["unreadable_files"] = []  # [{"dataset", "image_id", "file_name", "error"}] of the skipped images
     start = time.perf_counter()
     for name in names:
         dicts = _load_dicts(name)  # one dataset in memory at a time
@@ -216,14 +238,29 @@ def run(args):
             if not todo:
                 stats["skipped"] += 1
             else:
-                for view, fields in extract_image(head, d, todo, cfg.MODEL.REGIONSPOT.PROMPT_CHUNK_SIZE):
-                    stats["bytes"] += cache.save(name, view.name, d["image_id"], **fields)
-                    stats["records"] += 1
-                    stats["regions"] += len(fields["gt_classes"])
-                stats["extracted"] += 1
+                try:
+                    for view, fields in extract_image(head, d, todo, cfg.MODEL.REGIONSPOT.PROMPT_CHUNK_SIZE):
+                        stats["bytes"] += cache.save(name, view.name, d["image_id"], **fields)
+                        stats["records"] += 1
+                        stats["regions"] += len(fields["gt_classes"])
+                    stats["extracted"] += 1
+                except ImageReadError as e:
+                    context = f"image_id {d['image_id']!r} of dataset {name!r}"
+                    if args.strict:
+                        raise SystemExit(f"{e.with_context(context)} (--strict: the first unreadable image stops the run)") from e
+                    # One bad file must not lose the run: no record is written, so the cache stays
+                    # incomplete and training from it refuses until the image is fixed or removed.
+                    logger.warning(f"{e.with_context(context)} Skipped: it gets no cache record (--strict makes this an error).")
+                    stats["unreadable"] += 1
+                    stats["unreadable_files"].append(
+                        dict(dataset=name, image_id=d["image_id"], file_name=d["file_name"], error=str(e))
+                    )
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(new=stats["extracted"], skipped=stats["skipped"], regions=stats["regions"], refresh=False)
+                bar.set_postfix(
+                    new=stats["extracted"], skipped=stats["skipped"], unreadable=stats["unreadable"],
+                    regions=stats["regions"], refresh=False,
+                )
         if bar is not None:
             bar.close()
         del dicts
@@ -232,8 +269,9 @@ def run(args):
 
 
 def _summarise(all_stats):
-    keys = ("images", "extracted", "skipped", "rewritten", "records", "regions", "bytes")
+    keys = ("images", "extracted", "skipped", "rewritten", "unreadable", "records", "regions", "bytes")
     total = {k: sum(s[k] for s in all_stats) for k in keys}
+    total["unreadable_files"] = [f for s in all_stats for f in s["unreadable_files"]]
     total["seconds"] = max(s["seconds"] for s in all_stats)
     total["images_per_s"] = total["extracted"] / total["seconds"] if total["seconds"] > 0 else 0.0
     total["processes"] = len(all_stats)
@@ -243,6 +281,9 @@ def _summarise(all_stats):
 def _worker(args):
     from detectron2.utils import comm
 
+    from regionspot.data.user_datasets import register_coco_datasets
+
+    register_coco_datasets(args.coco_dataset)  # in every process launch starts
     stats = run(args)
     all_stats = comm.gather(stats, dst=0)
     if not comm.is_main_process():
@@ -254,11 +295,24 @@ def _worker(args):
             mib=summary["bytes"] / 2**20, **summary
         )
     )
+    if summary["unreadable"]:
+        shown = summary["unreadable_files"][:10]
+        listed = ", ".join(f"{f['file_name']} ({f['dataset']}, image_id {f['image_id']!r})" for f in shown)
+        listed += ", ..." if summary["unreadable"] > len(shown) else ""
+        logger.warning(
+            f"{summary['unreadable']} images skipped (unreadable, see warnings): {listed}. They have no record, so "
+            "training from this cache stops with 'Feature cache ... is incomplete'. Replace the files with good "
+            "copies and run this command again with the same --output (it extracts only what is missing), or "
+            "remove the images from the dataset json and extract into a new --output."
+        )
     return summary
 
 
 def main(argv=None):
-    """Run the extraction; returns the summary dict (images, extracted, skipped, regions, bytes, seconds, ...)."""
+    """
+    Run the extraction; returns the summary dict (images, extracted, skipped (already cached),
+    unreadable and unreadable_files (skipped bad images), regions, bytes, seconds, ...).
+    """
     args = get_parser().parse_args(argv)
     if args.num_gpus > 1:
         from detectron2.engine import launch

@@ -10,7 +10,9 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
 
-__all__ = ["RegionSpotTestMapper", "box_scale_factors", "build_regionspot_test_mapper", "build_regionspot_test_loader", "build_regionspot_train_mapper",
+from .images import ImageReadError, read_image
+
+__all__ = ["RegionSpotTestMapper", "RegionSpotTrainMapper", "box_scale_factors", "read_dataset_image", "build_regionspot_test_mapper", "build_regionspot_test_loader", "build_regionspot_train_mapper",
            "build_regionspot_train_loader"]
 
 
@@ -34,6 +36,32 @@ def box_scale_factors(original_size, resized_size, mode: str) -> Tuple[float, fl
     if mode == "authors":
         return h1 / h0, w1 / w0
     raise ValueError(f"MODEL.REGIONSPOT.PROTOCOL.BOX_RESCALE={mode!r}: use one of {BOX_RESCALE_MODES}.")
+
+
+def read_dataset_image(dataset_dict: dict, image_format: str, stage: str) -> np.ndarray:
+    """
+    The image of a dataset dict, read by :func:`regionspot.data.images.read_image`.
+
+    Args:
+        dataset_dict: detectron2 dataset dict with ``file_name`` (and ``image_id``).
+        image_format: ``INPUT.FORMAT``.
+        stage: "evaluation" or "training", for the message.
+
+    Raises:
+        ImageReadError: naming the file and the image id, with the fix. The image is not skipped:
+            a skipped image would silently change the AP (evaluation) or the data (training).
+    """
+    try:
+        return read_image(dataset_dict["file_name"], format=image_format)
+    except ImageReadError as e:
+        image_id = dataset_dict.get("image_id", "?")
+        repair = "Correct its file_name or restore the file" if e.reason == "missing" else "Replace the file with a good copy"
+        effect = "the AP" if stage == "evaluation" else "the training data"
+        raise e.with_context(
+            f"image_id {image_id!r} of the dataset",
+            f"{repair}, or remove image {image_id!r} from the dataset json; {stage} stops here instead of "
+            f"skipping it, because a skipped image would silently change {effect}",
+        ) from e
 
 
 class RegionSpotTestMapper(DatasetMapper):
@@ -67,7 +95,7 @@ class RegionSpotTestMapper(DatasetMapper):
 
     def __call__(self, dataset_dict):
         d = copy.deepcopy(dataset_dict)
-        image = utils.read_image(d["file_name"], format=self.image_format)
+        image = read_dataset_image(d, self.image_format, "evaluation")
         utils.check_image_size(d, image)
         original_size = tuple(image.shape[:2])
         aug_input = T.AugInput(image)
@@ -141,12 +169,46 @@ def build_regionspot_test_loader(cfg, dataset_name: str):
     return build_detection_test_loader(cfg, dataset_name, mapper=build_regionspot_test_mapper(cfg))
 
 
+class RegionSpotTrainMapper(DatasetMapper):
+    """
+    detectron2's ``DatasetMapper`` whose image is read by :func:`read_dataset_image` (16-bit images
+    brought to 8 bits, an unreadable file named with its image id); everything after the read is
+    detectron2's ``DatasetMapper.__call__`` unchanged.
+    """
+
+    def __call__(self, dataset_dict):
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image = read_dataset_image(dataset_dict, self.image_format, "training")
+        utils.check_image_size(dataset_dict, image)
+        # From here on as detectron2's DatasetMapper.__call__ (v0.6 / main): boxes are untouched by this class.
+        if "sem_seg_file_name" in dataset_dict:
+            sem_seg_gt = utils.read_image(dataset_dict.pop("sem_seg_file_name"), "L").squeeze(2)
+        else:
+            sem_seg_gt = None
+        aug_input = T.AugInput(image, sem_seg=sem_seg_gt)
+        transforms = self.augmentations(aug_input)
+        image, sem_seg_gt = aug_input.image, aug_input.sem_seg
+        image_shape = image.shape[:2]  # h, w
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if sem_seg_gt is not None:
+            dataset_dict["sem_seg"] = torch.as_tensor(sem_seg_gt.astype("long"))
+        if self.proposal_topk is not None:
+            utils.transform_proposals(dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk)
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            dataset_dict.pop("sem_seg_file_name", None)
+            return dataset_dict
+        if "annotations" in dataset_dict:
+            self._transform_annotations(dataset_dict, transforms, image_shape)
+        return dataset_dict
+
+
 def build_regionspot_train_mapper(cfg) -> DatasetMapper:
     """
     Training mapper: detectron2's augmentations from ``INPUT.*`` applied to the image and its boxes
     together, so SAM tokens are computed on the augmented image with the augmented boxes.
     """
-    return DatasetMapper(
+    return RegionSpotTrainMapper(
         is_train=True,
         augmentations=utils.build_augmentation(cfg, is_train=True),
         image_format=cfg.INPUT.FORMAT,
