@@ -5,6 +5,10 @@ Train or evaluate RegionSpot with detectron2's trainer.
     python train_net.py --config-file configs/RegionSpot-tiny_shapes.yaml
     python train_net.py --config-file configs/RegionSpot-BB_lvis-val_gt-boxes.yaml --eval-only \
         MODEL.WEIGHTS weights/regionspot_bb.pth
+    # your own COCO-format data
+    python train_net.py --config-file configs/RegionSpot-BB_lvis-val_gt-boxes.yaml \
+        --coco-dataset my_train train.json images/ --coco-dataset my_val val.json images/ \
+        DATASETS.TRAIN "('my_train',)" DATASETS.TEST "('my_val',)"
 """
 import logging
 import weakref
@@ -18,6 +22,8 @@ import regionspot  # noqa: F401  (registers the meta-architecture, head and data
 from regionspot import RegionSpotCheckpointer
 from regionspot.config import get_regionspot_cfg
 from regionspot.data import build_regionspot_train_loader
+from regionspot.data.checks import check_run_inputs
+from regionspot.data.user_datasets import add_dataset_arguments, register_coco_datasets
 from regionspot.evaluation import build_regionspot_evaluator, evaluate_datasets
 from regionspot.evaluation.evaluator import build_evaluation_loader
 from regionspot.modeling import load_head_weights
@@ -98,7 +104,12 @@ def setup(args):
 
 
 def main(args):
+    # Registered in every process launch starts (detectron2's registries are per process).
+    register_coco_datasets(getattr(args, "coco_dataset", []))
     cfg = setup(args)
+    # Wrong paths, unregistered datasets and proposal files of another dataset are reported now,
+    # not after the model is built and the vocabulary encoded.
+    check_run_inputs(cfg, eval_only=args.eval_only)
     if args.eval_only:
         # Evaluation needs no training vocabularies (nor the training datasets' files).
         eval_cfg = cfg.clone()
@@ -119,7 +130,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = add_dataset_arguments(default_argument_parser()).parse_args()
     logging.getLogger(__name__).info("Command line arguments: %s", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

@@ -127,6 +127,9 @@ def main(argv=None):
         )
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    if args.dataset:
+        # Lets evaluation refuse the file when it is given with another dataset (detectron2 ignores the key).
+        proposals["dataset"] = args.dataset
     proposals_mod.save_proposals(proposals, args.output)
 
     num_images = len(proposals["ids"])

@@ -298,9 +298,10 @@ def dataset_class_names(dataset_name: str) -> List[str]:
         if json_file:
             if not PathManager.isfile(json_file):
                 raise FileNotFoundError(
-                    f"Annotation file {json_file} of training dataset {dataset_name!r} does not exist "
-                    "(see regionspot/data/training_datasets.py for the expected layout under "
-                    "$DETECTRON2_DATASETS)."
+                    f"Annotation file {json_file} of dataset {dataset_name!r} does not exist: check the "
+                    "path it was registered with (the built-in datasets are read from "
+                    "$DETECTRON2_DATASETS, laid out as regionspot/data/training_datasets.py and the "
+                    "README describe)."
                 )
             classes = read_coco_category_names(json_file)
             if classes:
@@ -308,14 +309,18 @@ def dataset_class_names(dataset_name: str) -> List[str]:
                 logger.info(f"Read {len(classes)} class names of {dataset_name!r} from {json_file}")
         if not classes:
             if dataset_name not in DatasetCatalog.list():
-                raise ValueError(f"Training dataset {dataset_name!r} is not registered in DatasetCatalog.")
+                raise ValueError(
+                    f"Dataset {dataset_name!r} is not registered in DatasetCatalog: register it first "
+                    "(e.g. detectron2.data.datasets.register_coco_instances, or train_net.py "
+                    "--coco-dataset NAME JSON IMAGE_ROOT)."
+                )
             logger.info(f"Loading dataset {dataset_name!r} to learn its class names")
             DatasetCatalog.get(dataset_name)
             classes = meta.get("thing_classes", None)
     if not classes:
         raise ValueError(
-            f"Training dataset {dataset_name!r} has no thing_classes in its metadata (nor a COCO json "
-            "with categories): its class names are the vocabulary its batches are classified against. "
+            f"Dataset {dataset_name!r} has no thing_classes in its metadata (nor a COCO json with "
+            "categories): its class names are the vocabulary it is classified against. "
             f"Set MetadataCatalog.get({dataset_name!r}).thing_classes."
         )
     return list(classes)

@@ -12,6 +12,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, LVISEvaluator
 from detectron2.utils import comm
 
 from ..data.mappers import build_regionspot_test_loader
+from ..data.multi_dataset import dataset_class_names
 from .protocol_card import build_protocol_card, write_protocol_cards
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def evaluate_datasets(
     cards = []
     for idx, name in enumerate(names):
         if cfg.MODEL.REGIONSPOT.VOCABULARY == "dataset" and head is not None and hasattr(head, "set_vocabulary"):
-            head.set_vocabulary(MetadataCatalog.get(name).thing_classes)
+            head.set_vocabulary(dataset_class_names(name))
         one = _one_dataset_cfg(cfg, names, idx)
         evaluator = evaluators[idx] if evaluators is not None else build_regionspot_evaluator(one, name)
         loader = build_evaluation_loader(one, name)

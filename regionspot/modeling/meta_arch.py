@@ -66,6 +66,7 @@ class RegionSpot(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        check_device(cfg.MODEL.DEVICE)
         if cfg.MODEL.REGIONSPOT.BOX_SOURCE == "PROPOSALS" and not cfg.MODEL.LOAD_PROPOSALS:
             raise ValueError(
                 "MODEL.REGIONSPOT.BOX_SOURCE='PROPOSALS' needs MODEL.LOAD_PROPOSALS=True and "
@@ -104,8 +105,16 @@ class RegionSpot(nn.Module):
                 continue
             if "instances" not in x:
                 raise ValueError(
-                    "BOX_SOURCE='GT' but an input has no 'instances': the data loader dropped the "
-                    "annotations. Use regionspot.data.build_regionspot_test_loader (train_net.py does)."
+                    "RegionSpot recognises the regions an image comes with, and this input has none: with "
+                    "MODEL.REGIONSPOT.BOX_SOURCE='GT' (this config) they are the 'instances' (gt_boxes) the "
+                    "data loader keeps (regionspot.data.build_regionspot_test_loader; detectron2's "
+                    "DefaultPredictor and default test loader drop them). Ways to give regions: "
+                    "model.inference(inputs, detected_instances=[Instances with pred_boxes]) or "
+                    "regionspot.RegionSpotPredictor(cfg).predict(boxes) for your own boxes; BOX_SOURCE "
+                    "'PROPOSALS' with MODEL.LOAD_PROPOSALS and DATASETS.PROPOSAL_FILES_TEST for a detector's "
+                    "boxes; BOX_SOURCE 'GENERATOR' with MODEL.PROPOSAL_GENERATOR.NAME 'SamAutomaticProposals' "
+                    "for SAM's automatic masks (works with DefaultPredictor); or the RegionSpotRelabel "
+                    "recipes of projects/RegionSpot."
                 )
             gt = x["instances"].to(self.device)
             r = Instances(gt.image_size)
@@ -173,6 +182,22 @@ class RegionSpot(nn.Module):
             }
             for r, x in zip(results, batched_inputs)
         ]
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA ``MODEL.DEVICE`` on a machine without CUDA, before anything is built."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"MODEL.DEVICE={device!r} but this machine has no usable CUDA device (torch.cuda.is_available() is "
+            "False): set MODEL.DEVICE cpu (e.g. append `MODEL.DEVICE cpu` to the command line)."
+        )
+    if str(device).startswith("cuda:"):
+        index = int(str(device).split(":")[1])
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"MODEL.DEVICE={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                "use one of them or MODEL.DEVICE cpu."
+            )
 
 
 def batch_vocabulary(batched_inputs: List[Dict]) -> Optional[str]:
