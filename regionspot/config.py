@@ -54,6 +54,10 @@ def add_regionspot_config(cfg):
     rs.RANDOM_INIT_FROZEN = False
     # Seed of those random weights.
     rs.RANDOM_INIT_SEED = 0
+    # Evaluate a fusion module with random weights when nothing loads it (MODEL.WEIGHTS empty and no
+    # HEAD_WEIGHTS); otherwise such an evaluation is refused (regionspot.checkpoint.check_head_weights),
+    # since its AP means nothing. Tests / smoke runs only.
+    rs.ALLOW_RANDOM_HEAD = False
 
     rs.DECODER = CN()
     # Number of post-norm transformer decoder layers of the fusion module.
@@ -86,6 +90,10 @@ def add_regionspot_config(cfg):
     #               sorted by the product (the authors' evaluation);
     # "before_topk": the top TOPK pairs by box score x class probability.
     rs.BOX_SCORE_ORDER = "after_topk"
+    # How region logits become class scores: "softmax" over the vocabulary (the authors' evaluation; a
+    # one-class vocabulary then scores every region 1.0) or "sigmoid" of each class's logit on its own
+    # (what the focal loss trains; not the authors' protocol, may saturate at CLIP's logit scale 100).
+    rs.CLASS_SCORE = "softmax"
 
     # Test-time image-scale protocol. With INPUT.MIN_SIZE_TEST > 0 the test mapper first resizes the
     # image as detectron2's default test mapper does (ResizeShortestEdge(MIN_SIZE_TEST,

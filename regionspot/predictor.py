@@ -8,6 +8,15 @@ import torch
 from detectron2.modeling import build_model
 
 from .checkpoint import RegionSpotCheckpointer
+from .modeling.input_checks import (
+    EMPTY_BOX_POLICIES,
+    check_boxes,
+    check_points,
+    describe_empty_boxes,
+    image_to_rgb_uint8,
+)
+from .modeling.roi_heads import single_class_softmax_message
+from .modeling.text_embeddings import validate_class_names
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +38,28 @@ class RegionSpotPredictor:
     The SAM view is the stock ``SamPredictor``'s and the CLIP view one bilinear resize of the
     whole image, so outputs match the authors' predictor for the same weights.
 
+    Every input is checked where it enters (``regionspot/modeling/input_checks.py`` lists the
+    rules): a bad one raises ``ValueError`` naming it and the fix, so no NaN and no silently
+    wrong score comes out. Boxes that are empty once clipped to the image (zero width or height,
+    or entirely outside it) are the one case with a choice, ``empty_boxes``:
+
+    * "warn" (default): scored like the others, a warning names them and the output's
+      ``empty_box`` flags them. They are kept rather than dropped because the regions of a call
+      attend to each other, so dropping one changes the others' logits, and the authors' model
+      keeps every box (their evaluation, reproduced through this predictor, includes boxes
+      entirely outside the image);
+    * "error": refused with ``ValueError``, for interactive use where such a box is a mistake.
+
     Args:
         cfg: a config with ``MODEL.META_ARCHITECTURE = "RegionSpot"`` (see ``configs/``);
             ``MODEL.WEIGHTS`` is loaded when set.
+        empty_boxes: "warn" or "error", see above.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, empty_boxes: str = "warn"):
+        if empty_boxes not in EMPTY_BOX_POLICIES:
+            raise ValueError(f"empty_boxes={empty_boxes!r}: use one of {EMPTY_BOX_POLICIES}.")
+        self.empty_boxes = empty_boxes
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg)
         self.model.eval()
@@ -49,27 +74,46 @@ class RegionSpotPredictor:
         return list(self.head.class_names)
 
     def set_vocabulary(self, class_names: Sequence[str], embeddings: Optional[torch.Tensor] = None):
-        """Classes to recognise from now on (text embeddings cached on disk)."""
+        """
+        Classes to recognise from now on (text embeddings cached on disk).
+
+        Args:
+            class_names: C names (checked as in ``RegionSpotROIHeads.set_vocabulary``: None, empty,
+                non-str and repeated names are refused).
+            embeddings: optional [C, D_t] L2-normalised text embeddings.
+
+        Raises:
+            ValueError: bad names or embeddings, or one class while scores are a softmax over the
+                vocabulary (every score would be 1.0; the message says what to do instead). The
+                previous vocabulary stays in use.
+        """
+        class_names = validate_class_names(class_names)
+        self._check_scores_are_informative(class_names)
         self.head.set_vocabulary(class_names, embeddings)
+
+    def _check_scores_are_informative(self, class_names: Sequence[str]) -> None:
+        # The evaluation path only warns (benchmarks such as ODinW-13 have one-class datasets);
+        # here each score is read on its own, and a constant 1.0 would be read as certainty.
+        if len(class_names) == 1 and self.head.class_score == "softmax":
+            raise ValueError(single_class_softmax_message(class_names[0]))
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB"):
         """
         Run SAM's image encoder and CLIP on an image.
 
         Args:
-            image: [H, W, 3] uint8 image.
-            image_format: "RGB" or "BGR" (OpenCV's order).
+            image: [H, W, 3] uint8 image. Also accepted: [H, W] and [H, W, 1] grayscale (converted to
+                RGB), [H, W, 4] with alpha and [H, W, 2] gray + alpha (alpha dropped, not
+                composited, as PIL's ``convert("RGB")``), non-contiguous arrays and CPU tensors.
+                Refused with the conversion to write: float images, 16-bit (uint16) and other
+                non-uint8 images, channel-first [C, H, W] arrays, empty images (see
+                :func:`regionspot.modeling.input_checks.image_to_rgb_uint8`).
+            image_format: "RGB" or "BGR" (OpenCV's order; BGRA for 4 channels).
+
+        Raises:
+            ValueError: a refused image; the previous image stays set.
         """
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(
-                f"set_image expects an [H, W, 3] uint8 array, got shape {image.shape} dtype {image.dtype}."
-            )
-        if image_format not in ("RGB", "BGR"):
-            raise ValueError(f"image_format={image_format!r}: use 'RGB' or 'BGR'.")
-        if image_format == "BGR":
-            image = image[:, :, ::-1]
-        image = np.ascontiguousarray(image)
+        image = image_to_rgb_uint8(image, image_format)
         self._state, self._clip_features = self.head.encode_image(image)
 
     @torch.no_grad()
@@ -84,38 +128,65 @@ class RegionSpotPredictor:
         Recognise N regions of the current image.
 
         Args:
-            boxes: [N, 4] XYXY boxes in image pixels (array or tensor), or None.
-            point_coords: [N, P, 2] XY click prompts in pixels, or None.
-            point_labels: [N, P] 1 (foreground) / 0 (background) for ``point_coords``.
+            boxes: [N, 4] XYXY boxes in image pixels (array, tensor or nested list), or None.
+                NaN/inf and inverted (x1 < x0 or y1 < y0, e.g. XYWH) boxes are refused; boxes
+                partly outside the image are fine; boxes empty once clipped to the image follow
+                ``empty_boxes`` (see the class).
+            point_coords: [N, P, 2] XY click prompts in pixels, or None; points outside the image
+                are refused.
+            point_labels: [N, P] 1 (foreground) / 0 (background) for ``point_coords``; -1 marks
+                padding (SAM's "not a point"), for regions with fewer clicks than P.
             return_masks: also return SAM's masks (skipping them saves the mask up-sampling).
 
         Returns:
-            dict with ``logits`` [N, C] (scaled cosine), ``scores`` [N, C] (softmax), ``classes``
-            [N], ``mask_scores`` [N] (SAM's IoU prediction) and, with ``return_masks``, ``masks``
-            [N, H, W] bool at the image's size.
+            dict with ``logits`` [N, C] (scaled cosine), ``scores`` [N, C] (softmax over the
+            vocabulary, or per-class sigmoid with ``class_score="sigmoid"``), ``classes`` [N],
+            ``mask_scores`` [N] (SAM's IoU prediction), ``empty_box`` [N] bool (True where the box
+            is empty once clipped to the image; all False without boxes) and, with
+            ``return_masks``, ``masks`` [N, H, W] bool at the image's size.
+
+        Raises:
+            RuntimeError: no image set.
+            ValueError: a refused prompt, or a one-class vocabulary with softmax scores.
         """
         if self._state is None:
             raise RuntimeError("Call set_image(image) before predict().")
-        if boxes is None and point_coords is None:
-            raise ValueError("predict() needs boxes [N, 4] or point_coords [N, P, 2].")
+        if boxes is None and point_coords is None and point_labels is None:
+            raise ValueError("predict() needs boxes [N, 4] or point_coords [N, P, 2] with point_labels [N, P].")
+        self._check_scores_are_informative(self.head.class_names)
+        image_size = tuple(self._state.original_size)
+        empty = None
         if boxes is not None:
-            boxes = torch.as_tensor(np.asarray(boxes) if not isinstance(boxes, torch.Tensor) else boxes)
-            if boxes.ndim != 2 or boxes.shape[1] != 4:
-                raise ValueError(f"boxes must be [N, 4] XYXY, got shape {list(boxes.shape)}.")
-        if point_coords is not None and point_labels is None:
-            raise ValueError("point_coords need point_labels (1 foreground, 0 background).")
+            boxes, empty = check_boxes(boxes, image_size, "boxes")
+            if bool(empty.any()):
+                message = describe_empty_boxes(boxes, empty, image_size, "boxes")
+                if self.empty_boxes == "error":
+                    raise ValueError(
+                        message + " Give boxes that overlap the image (XYXY pixels of the image passed to "
+                        "set_image), or drop them."
+                    )
+                logger.warning(
+                    message + " They are scored like the others, but their scores describe no image "
+                    "content; out['empty_box'] is True for them."
+                )
+        point_coords, point_labels = check_points(
+            point_coords, point_labels, image_size, None if boxes is None else len(boxes)
+        )
         head = self.head
         out = head.sam.decode_prompts(
             self._state, boxes, point_coords, point_labels, with_masks=return_masks,
             chunk_size=head.prompt_chunk_size,
         )
         logits = head.logits(head.region_embeddings(out.tokens[None], self._clip_features)[0])
-        scores = logits.softmax(dim=-1)
+        scores = head.class_scores(logits)
+        if empty is None:
+            empty = torch.zeros(len(logits), dtype=torch.bool)
         result = {
             "logits": logits,
             "scores": scores,
-            "classes": scores.argmax(dim=-1),
+            "classes": logits.argmax(dim=-1),
             "mask_scores": out.mask_scores,
+            "empty_box": empty.to(logits.device),
         }
         if return_masks:
             result["masks"] = head.sam.postprocess_masks(out.low_res_masks, self._state)

@@ -171,6 +171,7 @@ def build_protocol_card(cfg, dataset_name: str, model=None, results: Optional[di
         "vocabulary": _vocabulary(cfg, dataset_name, model),
         "scoring": {
             "mode": rs.SCORING,
+            "class_score": rs.CLASS_SCORE,
             "pairs_per_image": int(rs.TOPK) if rs.SCORING == "topk_pairs" else None,
             "box_score_order": rs.BOX_SCORE_ORDER,
             "detections_per_image": int(cfg.TEST.DETECTIONS_PER_IMAGE),

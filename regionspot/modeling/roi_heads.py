@@ -15,16 +15,16 @@ from fvcore.nn import sigmoid_focal_loss
 from torch import nn
 
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 from detectron2.structures import Boxes, ImageList, Instances
 
 from .clip_features import ClipDenseFeatures, build_clip
 from .frozen import keep_out_of_checkpoints
 from .fusion import RegionSpotFusion, region_text_logits
+from .input_checks import check_boxes, check_points, check_text_embeddings, describe_empty_boxes
 from .masks import MASK_RESIZE_MODES, SamMasks
 from .sam_tokens import SamImageState, SamRegionTokens, build_sam
-from .text_embeddings import PROMPT_TEMPLATES, TextEmbeddingCache
+from .text_embeddings import PROMPT_TEMPLATES, TextEmbeddingCache, validate_class_names
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,20 @@ __all__ = ["RegionSpotROIHeads", "images_to_rgb_uint8", "select_detections", "vo
 
 SCORING_MODES = ("topk_pairs", "per_region")
 BOX_SCORE_ORDERS = ("after_topk", "before_topk")
+# How a region's logits become class scores: "softmax" over the vocabulary (the authors'), or
+# "sigmoid" of each class's logit on its own (the quantity the focal loss trains).
+CLASS_SCORES = ("softmax", "sigmoid")
+
+
+def single_class_softmax_message(class_name: str) -> str:
+    """Why a one-class vocabulary with softmax scores says nothing, and what to do instead."""
+    return (
+        f"The vocabulary has one class ({class_name!r}) and class scores are a softmax over the vocabulary "
+        "(MODEL.REGIONSPOT.CLASS_SCORE 'softmax'): a softmax over one class is exactly 1.0 for every region, "
+        "whatever the model sees. Add the other classes the images contain, or a generic entry such as "
+        "'background' or 'object', or score each class on its own with class_score='sigmoid' "
+        "(MODEL.REGIONSPOT.CLASS_SCORE 'sigmoid')."
+    )
 
 
 def vocabulary_from_config(cfg, required: bool = True) -> List[str]:
@@ -54,10 +68,11 @@ def vocabulary_from_config(cfg, required: bool = True) -> List[str]:
             "MODEL.REGIONSPOT.VOCABULARY is 'dataset' but DATASETS.TEST and DATASETS.TRAIN are empty; "
             "name a dataset or set VOCABULARY='custom' with CUSTOM_VOCABULARY."
         )
-    classes = MetadataCatalog.get(names[0]).get("thing_classes", None)
-    if not classes:
-        raise ValueError(f"Dataset {names[0]!r} has no thing_classes in its metadata to use as vocabulary.")
-    return list(classes)
+    # Also for datasets registered the standard way (register_coco_instances), whose metadata gets
+    # thing_classes only when the dataset is loaded: read from the json's categories.
+    from ..data.multi_dataset import dataset_class_names
+
+    return dataset_class_names(names[0])
 
 
 def images_to_rgb_uint8(
@@ -133,6 +148,14 @@ def select_detections(
     return regions, classes, top
 
 
+def _check_batch_length(images: ImageList, per_image: Sequence, name: str) -> None:
+    # zip() would silently drop the images (or region sets) beyond the shorter list.
+    if len(per_image) != len(images.image_sizes):
+        raise ValueError(
+            f"{len(images.image_sizes)} images but {len(per_image)} {name}: give one entry per image, in order."
+        )
+
+
 @ROI_HEADS_REGISTRY.register()
 class RegionSpotROIHeads(nn.Module):
     """
@@ -171,6 +194,7 @@ class RegionSpotROIHeads(nn.Module):
         focal_gamma: float = 2.0,
         text_cache: Optional[TextEmbeddingCache] = None,
         text_batch_size: int = 256,
+        class_score: str = "softmax",
     ):
         """
         Args:
@@ -190,6 +214,8 @@ class RegionSpotROIHeads(nn.Module):
             focal_alpha, focal_gamma: training loss.
             text_cache: cache of vocabulary embeddings.
             text_batch_size: sentences per text-tower forward.
+            class_score: how logits become class scores (see :meth:`class_scores`): "softmax" over
+                the vocabulary (the authors' evaluation) or "sigmoid" of each class on its own.
         """
         super().__init__()
         if scoring not in SCORING_MODES:
@@ -200,6 +226,9 @@ class RegionSpotROIHeads(nn.Module):
             raise ValueError(f"MODEL.REGIONSPOT.PROTOCOL.MASK_RESIZE={mask_resize!r}: use one of {MASK_RESIZE_MODES}.")
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT={input_format!r}: RegionSpot reads RGB or BGR images.")
+        if class_score not in CLASS_SCORES:
+            raise ValueError(f"MODEL.REGIONSPOT.CLASS_SCORE={class_score!r}: use one of {CLASS_SCORES}.")
+        self.class_score = class_score
         self.sam = sam
         self.clip = clip
         self.fusion = fusion
@@ -277,6 +306,8 @@ class RegionSpotROIHeads(nn.Module):
             "focal_gamma": rs.FOCAL_GAMMA,
             "text_cache": TextEmbeddingCache(rs.TEXT_CACHE_DIR or None),
             "text_batch_size": rs.TEXT_BATCH_SIZE,
+            # Read with a default so configs made before the key existed keep the authors' softmax.
+            "class_score": rs.CLASS_SCORE,
         }
 
     # ----------------------------------------------------------------------------------------
@@ -285,20 +316,28 @@ class RegionSpotROIHeads(nn.Module):
         """
         Use a new vocabulary from now on.
 
+        The names are checked by :func:`~regionspot.modeling.text_embeddings.validate_class_names`
+        (None, empty, non-str and repeated names are refused; integers are converted with a
+        warning). A one-class vocabulary is accepted, with a logged warning when class scores are a
+        softmax (every score is then 1.0): evaluation protocols such as ODinW-13 include one-class
+        datasets, where AP then measures the boxes alone. :class:`RegionSpotPredictor` refuses it.
+
         Args:
             class_names: C names; ``pred_classes`` index into them.
-            embeddings: [C, D_t] L2-normalised text embeddings; default: encoded with the prompt
-                ensemble (read from the on-disk cache when present).
+            embeddings: [C, D_t] L2-normalised, finite text embeddings; default: encoded with the
+                prompt ensemble (read from the on-disk cache when present).
+
+        Raises:
+            ValueError: bad names or embeddings (the message names them and the fix).
         """
-        class_names = [str(n) for n in class_names]
-        if not class_names:
-            raise ValueError("The vocabulary is empty: give at least one class name.")
+        class_names = validate_class_names(class_names)
         if embeddings is None:
             embeddings = self.text_cache.get(self.clip, class_names, PROMPT_TEMPLATES, self.text_batch_size)
-        if embeddings.shape != (len(class_names), self.clip.embed_dim):
-            raise ValueError(
-                f"Text embeddings of shape {list(embeddings.shape)} do not fit {len(class_names)} class "
-                f"names and CLIP text width {self.clip.embed_dim}."
+        embeddings = check_text_embeddings(embeddings, len(class_names), self.clip.embed_dim)
+        if len(class_names) == 1 and self.class_score == "softmax":
+            logger.warning(
+                single_class_softmax_message(class_names[0]) + " In evaluation this makes AP a measure of the "
+                "boxes alone (with GT boxes as prompts, 100 whatever the model)."
             )
         self.class_names = class_names
         self.text_embeddings = embeddings.to(self.pixel_mean.device, torch.float32)
@@ -307,13 +346,23 @@ class RegionSpotROIHeads(nn.Module):
         """
         Register a named vocabulary (e.g. a training dataset's), used when a batch names it; the
         current vocabulary of :meth:`set_vocabulary` is unchanged.
+
+        Args:
+            key: the name batches refer to it by (the dataset's name).
+            class_names: C names, checked as in :meth:`set_vocabulary` (the sigmoid focal loss
+                scores each class on its own, so one class is fine here).
+            embeddings: [C, D_t] L2-normalised, finite text embeddings; default: encoded.
+
+        Raises:
+            ValueError: bad key, names or embeddings.
         """
-        class_names = [str(n) for n in class_names]
-        if not class_names:
-            raise ValueError(f"The vocabulary {key!r} is empty.")
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"add_vocabulary: key must be a non-empty str (the dataset's name), got {key!r}.")
+        class_names = validate_class_names(class_names, f"the vocabulary {key!r}")
         if embeddings is None:
             embeddings = self.text_cache.get(self.clip, class_names, PROMPT_TEMPLATES, self.text_batch_size)
-        self.vocabularies[key] = (class_names, embeddings.float())
+        embeddings = check_text_embeddings(embeddings, len(class_names), self.clip.embed_dim, f"embeddings of {key!r}")
+        self.vocabularies[key] = (class_names, embeddings)
 
     def _embeddings(self, vocabulary: Optional[str]) -> torch.Tensor:
         if vocabulary is None:
@@ -388,6 +437,27 @@ class RegionSpotROIHeads(nn.Module):
         """
         return region_text_logits(region_embeddings, self._embeddings(vocabulary), self.logit_scale)
 
+    def class_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """
+        [..., C] logits -> [..., C] class scores, as ``class_score`` says.
+
+        "softmax" (default, the authors' evaluation): probabilities over the vocabulary, summing
+        to 1, so a class's score depends on which other classes are in the vocabulary, and a
+        one-class vocabulary scores every region 1.0.
+
+        "sigmoid": ``sigmoid(logit)`` of each class on its own, independent of the other classes
+        (so a one-class vocabulary is meaningful). It is the quantity the sigmoid focal loss of
+        training fits on these same logits, but it is not the authors' evaluation and gives other
+        APs, and whether it is informative depends on the weights: the logits are ``logit_scale``
+        x cosine with no bias, and at CLIP's logit scale of 100 the cosines typical of raw CLIP
+        image-text pairs (~0.2-0.35) would give sigmoid(20..35), i.e. 1.0 for every class. In
+        float32, sigmoid is exactly 1.0 from a logit of ~17 on, so such regions tie. Look at the
+        logits of your weights before relying on it (not measured on the released checkpoints).
+        """
+        if self.class_score == "sigmoid":
+            return logits.sigmoid()
+        return logits.softmax(dim=-1)
+
     # ----------------------------------------------------------------------------------------
     def forward(
         self,
@@ -409,34 +479,129 @@ class RegionSpotROIHeads(nn.Module):
             and (``mask_on``) ``pred_masks`` as :class:`SamMasks`, which detectron2's
             ``detector_postprocess`` turns into [K, H, W] bool masks; in training, an empty list and
             ``{"loss_region_cls": ...}``.
+
+        Raises:
+            ValueError: a proposal box or point prompt is refused by :meth:`check_regions` (checked
+                for every image before any image is encoded), or the numbers of images and
+                proposal sets differ.
         """
         del features
         if self.training:
             assert targets is not None, "RegionSpotROIHeads needs targets in training."
             return [], self.losses(images, targets)
+        _check_batch_length(images, proposals, "proposals")
+        for i, (size, props) in enumerate(zip(images.image_sizes, proposals)):
+            self.check_regions(props, tuple(size), f"of image {i} of the batch")
         rgbs = self.images_to_rgb_uint8(images)
         states, clip_features = self.encode_images(rgbs) if rgbs else ([], None)
         results = [
-            self.recognize(rgb, props, encoded=(states[i], clip_features[i : i + 1]))
+            self.recognize(
+                rgb, props, encoded=(states[i], clip_features[i : i + 1]), where=f"of image {i} of the batch"
+            )
             for i, (rgb, props) in enumerate(zip(rgbs, proposals))
         ]
         return results, {}
 
     def forward_with_given_boxes(self, images: ImageList, instances: List[Instances]) -> List[Instances]:
-        """Classify known boxes (``pred_boxes``): one output per given box, in the given order."""
-        results = []
-        for rgb, inst in zip(self.images_to_rgb_uint8(images), instances):
+        """
+        Classify known boxes (``pred_boxes``): one output per given box, in the given order.
+
+        Given boxes are checked by :meth:`check_regions` before any image is encoded: NaN/inf and
+        inverted boxes are refused. A box that is empty once clipped to the image (zero width or
+        height, or entirely outside it) is kept, because the output has one entry per given box:
+        it is scored like the others (and, as the regions attend to each other, takes part in the
+        others' scores, as in the authors' model), a warning names it, and the output's
+        ``empty_box`` field is True for it, so callers can drop or ignore it.
+
+        Args:
+            images: the batch's pixels (normalised with ``pixel_mean``/``pixel_std``).
+            instances: per image, ``pred_boxes`` XYXY in ``images`` pixels.
+
+        Returns:
+            per image Instances as :meth:`recognize` with ``per_region=True`` (``empty_box`` included).
+
+        Raises:
+            ValueError: a refused box, or the numbers of images and instance sets differ.
+        """
+        _check_batch_length(images, instances, "detected_instances")
+        regions = []
+        for i, (size, inst) in enumerate(zip(images.image_sizes, instances)):
             props = Instances(inst.image_size)
             props.proposal_boxes = inst.pred_boxes
-            results.append(self.recognize(rgb, props, per_region=True))
-        return results
+            self.check_regions(props, tuple(size), f"of image {i} of the batch", box_field="pred_boxes")
+            regions.append(props)
+        return [
+            self.recognize(rgb, props, per_region=True, where=f"of image {i} of the batch", box_field="pred_boxes")
+            for i, (rgb, props) in enumerate(zip(self.images_to_rgb_uint8(images), regions))
+        ]
+
+    def check_regions(
+        self, regions: Instances, image_size: Tuple[int, int], where: str = "", box_field: str = "proposal_boxes"
+    ) -> Optional[torch.Tensor]:
+        """
+        Check the prompts of one image before anything is computed with them.
+
+        Refused (``ValueError`` naming the field, the image and the rows): NaN/inf or inverted
+        boxes (:func:`~regionspot.modeling.input_checks.check_boxes`), bad point prompts
+        (:func:`~regionspot.modeling.input_checks.check_points`: shapes, labels outside
+        {-1, 0, 1}, points outside the image, ...), NaN ``objectness_logits`` (±inf is fine: its
+        sigmoid is exactly 1 or 0). Boxes that are empty once clipped to the image are not refused:
+        their mask is returned, and each caller decides (see :meth:`recognize`).
+
+        Args:
+            regions: ``proposal_boxes`` and optional ``objectness_logits``, ``point_coords``,
+                ``point_labels``.
+            image_size: (H, W) of the image the prompts refer to.
+            where: appended to the field names in messages, e.g. "of image 2 of the batch".
+            box_field: how the boxes are called in messages.
+
+        Returns:
+            [N] bool, True where a box is empty once clipped to the image; None without boxes.
+        """
+        suffix = f" {where}" if where else ""
+        empty = None
+        num_boxes = None
+        if regions.has("proposal_boxes"):
+            boxes = regions.proposal_boxes.tensor
+            _, empty = check_boxes(boxes, image_size, f"{box_field}{suffix}")
+            num_boxes = len(boxes)
+        points = regions.point_coords if regions.has("point_coords") else None
+        labels = regions.point_labels if regions.has("point_labels") else None
+        check_points(points, labels, image_size, num_boxes, f"point_coords{suffix}")
+        if regions.has("objectness_logits"):
+            nan = torch.isnan(regions.objectness_logits)
+            if bool(nan.any()):
+                rows = nan.nonzero().flatten().tolist()
+                raise ValueError(
+                    f"objectness_logits{suffix} are NaN at rows {rows[:10]}: a box score must be a number "
+                    "(a proposal file's scores are probabilities p, stored as logit(p)); fix or drop those rows."
+                )
+        return empty
 
     @torch.no_grad()
     def recognize(
-        self, image: np.ndarray, regions: Instances, per_region: bool = False, encoded=None
+        self,
+        image: np.ndarray,
+        regions: Instances,
+        per_region: bool = False,
+        encoded=None,
+        where: str = "",
+        box_field: str = "proposal_boxes",
     ) -> Instances:
         """
         Recognise the regions of one image.
+
+        The prompts are checked first (:meth:`check_regions`: NaN/inf or inverted boxes and bad
+        point prompts are refused). Boxes that are empty once clipped to the image (zero width or
+        height, or entirely outside it) stay prompts in both modes, because the regions of an image
+        attend to each other and the authors keep every box:
+
+        * detections (``per_region=False``, the evaluation path): their detections are dropped
+          after scoring, before the ``detections_per_image`` cap (the authors' protocol);
+        * ``per_region=True`` (given boxes): they are returned, scored, with ``empty_box`` True and a
+          logged warning naming them.
+
+        Partly-outside boxes are used as they are (SAM encodes any coordinate).
 
         Args:
             image: [H, W, 3] uint8 RGB.
@@ -444,13 +609,29 @@ class RegionSpotROIHeads(nn.Module):
                 ``point_labels`` (N regions).
             per_region: one detection per region in the given order (no top-k, no threshold).
             encoded: the image's (SAM state, [1, L, D_v] CLIP features) when already computed.
+            where: appended to field names in messages, e.g. "of image 2 of the batch".
+            box_field: how the boxes are called in messages.
 
         Returns:
-            Instances of size (H, W) with ``pred_boxes``, ``scores``, ``pred_classes``,
-            ``mask_scores`` and, if ``mask_on``, ``pred_masks`` as :class:`SamMasks` (call
-            ``to_bitmasks(None, H, W)``; detectron2's ``detector_postprocess`` does).
+            Instances of size (H, W) with ``pred_boxes``, ``scores`` (see :meth:`class_scores`),
+            ``pred_classes``, ``mask_scores``, with ``per_region`` also ``empty_box`` [N] bool, and,
+            if ``mask_on``, ``pred_masks`` as :class:`SamMasks` (call ``to_bitmasks(None, H, W)``;
+            detectron2's ``detector_postprocess`` does).
+
+        Raises:
+            ValueError: a refused prompt (see :meth:`check_regions`).
         """
         image_size = tuple(image.shape[:2])
+        empty = self.check_regions(regions, image_size, where, box_field)
+        if per_region and empty is not None and bool(empty.any()):
+            logger.warning(
+                describe_empty_boxes(regions.proposal_boxes.tensor, empty, image_size, f"{box_field} {where}".strip())
+                + " They are scored like the others, but their scores describe no image content; their "
+                "output's empty_box field is True."
+            )
+        elif empty is not None and bool(empty.any()):
+            # The authors' protocol: prompts like the others, their detections dropped after scoring.
+            logger.debug(f"{int(empty.sum())} empty proposal boxes {where}: their detections are dropped.")
         state, clip_features = encoded if encoded is not None else self.encode_image(image)
         boxes = regions.proposal_boxes.tensor if regions.has("proposal_boxes") else None
         points = regions.point_coords if regions.has("point_coords") else None
@@ -462,7 +643,7 @@ class RegionSpotROIHeads(nn.Module):
             chunk_size=self.prompt_chunk_size,
         )
         logits = self.logits(self.region_embeddings(sam_out.tokens[None], clip_features)[0])
-        probs = logits.softmax(dim=-1)
+        probs = self.class_scores(logits)
         box_scores = None
         if self.use_box_scores and regions.has("objectness_logits"):
             box_scores = regions.objectness_logits.to(probs).sigmoid()
@@ -487,6 +668,9 @@ class RegionSpotROIHeads(nn.Module):
         out.scores = scores
         out.pred_classes = classes
         out.mask_scores = sam_out.mask_scores[region_idx]
+        if per_region:
+            no_box = torch.zeros(len(probs), dtype=torch.bool, device=probs.device)
+            out.empty_box = (no_box if empty is None else empty.to(probs.device))[region_idx]
         if self.mask_on:
             # Kept lazily as SAM logits of the surviving regions only: each region's mask is
             # up-sampled once, at the output size, however many classes it was kept with.
@@ -516,6 +700,10 @@ class RegionSpotROIHeads(nn.Module):
         dataset) for every GT region: summed over classes, averaged over an image's regions,
         summed over images. Images without boxes add zero.
         """
+        _check_batch_length(images, targets, "targets")
+        for i, (size, t) in enumerate(zip(images.image_sizes, targets)):
+            # NaN boxes would make the loss NaN after hours of training; refuse them at once.
+            check_boxes(t.gt_boxes.tensor, tuple(size), f"gt_boxes of image {i} of the batch")
         rgbs = self.images_to_rgb_uint8(images)
         states, clip_features = self.encode_images(rgbs)
         tokens = [

@@ -4,18 +4,29 @@ tower and cached on disk.
 """
 import hashlib
 import logging
+import numbers
 import os
 import pickle
+from collections import defaultdict
 from typing import List, Optional, Sequence
 
 import torch
 from tqdm import tqdm
 
 import clip
+from clip.simple_tokenizer import basic_clean, whitespace_clean
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PROMPT_TEMPLATES", "clean_class_name", "TextEmbeddingCache", "encode_vocabulary", "default_cache_dir"]
+__all__ = [
+    "PROMPT_TEMPLATES",
+    "clean_class_name",
+    "prompt_text_key",
+    "validate_class_names",
+    "TextEmbeddingCache",
+    "encode_vocabulary",
+    "default_cache_dir",
+]
 
 # The bare "{}." followed by CLIP's 80 ImageNet prompt templates (the published ensemble).
 PROMPT_TEMPLATES = (
@@ -58,6 +69,100 @@ def clean_class_name(name: str) -> str:
     return name
 
 
+def prompt_text_key(name: str) -> str:
+    """
+    The text CLIP actually reads for a class name: :func:`clean_class_name`, then CLIP's own
+    tokenizer clean-up (``ftfy`` and HTML unescaping, whitespace collapsed, lower-cased). Two names
+    with the same key get identical text embeddings.
+    """
+    return whitespace_clean(basic_clean(clean_class_name(name))).lower()
+
+
+def validate_class_names(class_names, what: str = "the vocabulary") -> List[str]:
+    """
+    Check a vocabulary and return it as a list of str, where it enters (``set_vocabulary``,
+    ``add_vocabulary``, the text cache).
+
+    Accepted: ``str`` entries (numpy strings included), kept exactly as given (they are the
+    cache key and what ``pred_classes`` index). Integers (e.g. digit classes read from a json) are
+    converted with ``str()`` and a logged warning.
+
+    Refused with ``ValueError``:
+      * None, a single string (it would be read letter by letter) or a non-iterable;
+      * an empty vocabulary;
+      * entries that are None, bool, float, bytes or any other non-str, non-int type (``str()``
+        of them is rarely the intended class name: ``b'cat'`` would become the text "b'cat'");
+      * empty or whitespace-only names, also once a panoptic suffix is removed (the prompt
+        "a photo of a ." describes nothing);
+      * names CLIP reads as the same text (:func:`prompt_text_key`: exact repeats, or names that
+        differ only in case, spacing or a COCO-panoptic suffix): their embeddings are identical, so
+        a softmax splits each region's probability between them and training gives them
+        contradicting targets.
+
+    Args:
+        class_names: the names, in class-index order.
+        what: how the vocabulary is called in messages.
+
+    Returns:
+        the names as a list of str.
+    """
+    subject = what[:1].upper() + what[1:]  # at the start of a sentence
+    if class_names is None:
+        raise ValueError(f"{subject} is None: give a list of class names, e.g. ['cat', 'dog'].")
+    if isinstance(class_names, (str, bytes)):
+        raise ValueError(
+            f"{subject} is a single string {class_names!r}, which would be read letter by letter: give a list of "
+            "names, e.g. ['cat', 'dog'] (regionspot.data.vocabularies.parse_custom_vocabulary splits "
+            "comma-separated text)."
+        )
+    try:
+        entries = list(class_names)
+    except TypeError as e:
+        raise ValueError(f"{subject} must be a list of class names, got {type(class_names).__name__}.") from e
+    if not entries:
+        raise ValueError(f"{subject} is empty: give at least one class name.")
+    names, converted, bad = [], [], []
+    for i, n in enumerate(entries):
+        if isinstance(n, str):
+            names.append(str(n))
+        elif isinstance(n, numbers.Integral) and not isinstance(n, bool):  # numpy integers too, not numpy bools
+            names.append(str(n))
+            converted.append(i)
+        else:
+            bad.append(f"{i}: {n!r} ({type(n).__name__})")
+            names.append("")
+    if bad:
+        raise ValueError(
+            f"{subject} has entries that are not strings (index: value): {', '.join(bad[:10])}"
+            f"{f' (and {len(bad) - 10} more)' if len(bad) > 10 else ''}. Class names must be str."
+        )
+    if converted:
+        logger.warning(
+            f"{subject}: integer class names at indices {converted[:10]} converted to text "
+            f"({[names[i] for i in converted[:10]]}); pass str to silence this."
+        )
+    keys = [prompt_text_key(n) for n in names]
+    blank = [i for i, k in enumerate(keys) if not k]
+    if blank:
+        raise ValueError(
+            f"{subject} has empty or whitespace-only names at indices {blank[:10]} "
+            f"({[names[i] for i in blank[:10]]}): every class needs a name (drop those entries)."
+        )
+    groups = defaultdict(list)
+    for i, k in enumerate(keys):
+        groups[k].append(i)
+    repeated = [ids for ids in groups.values() if len(ids) > 1]
+    if repeated:
+        listed = "; ".join(" = ".join(f"{names[i]!r} (index {i})" for i in ids) for ids in repeated[:10])
+        raise ValueError(
+            f"{subject} names some classes more than once, as CLIP reads them (it lower-cases, collapses "
+            f"spaces, and the suffixes -other/-merged/-stuff are removed): {listed}. Identical names get "
+            "identical text embeddings, which split each region's probability between them. Keep one of "
+            "each, or make them distinct (e.g. 'apple (fruit)')."
+        )
+    return names
+
+
 def default_cache_dir() -> str:
     return os.environ.get("REGIONSPOT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "regionspot"))
 
@@ -83,9 +188,11 @@ def encode_vocabulary(
     Returns:
         [C, D_t] float32, each row the mean of the un-normalised sentence embeddings of a class,
         L2-normalised as x / ||x||.
+
+    Raises:
+        ValueError: the names are refused by :func:`validate_class_names`.
     """
-    if len(class_names) == 0:
-        raise ValueError("The vocabulary is empty: give at least one class name.")
+    class_names = validate_class_names(class_names)
     sentences = [t.format(clean_class_name(n)) for n in class_names for t in templates]
     tokens = clip.tokenize(sentences)
     out = []
@@ -144,9 +251,10 @@ class TextEmbeddingCache:
         batch_size: int = 256,
     ) -> torch.Tensor:
         """
-        The [C, D_t] embeddings of ``class_names``, read from the cache or encoded and stored.
+        The [C, D_t] embeddings of ``class_names`` (checked by :func:`validate_class_names`), read
+        from the cache or encoded and stored.
         """
-        class_names: List[str] = [str(n) for n in class_names]
+        class_names: List[str] = validate_class_names(class_names)
         key = self.key(clip_features, class_names, templates)
         path = self.path(key)
         if os.path.isfile(path):
