@@ -515,7 +515,12 @@ def test_protocol_card_of_the_authors_protocol_with_proposals(tmp_path, subset):
     assert card["box_source"]["kind"] == "proposal file"
     assert card["box_source"]["files"][0]["sha256"] == "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
     assert card["ap"]["kind"].startswith("fixed") and card["ap"]["topk_per_class"] == 10000
+    assert "warnings" not in card
     cfg.defrost()
+    cfg.MODEL.REGIONSPOT.VOCABULARY = "custom"
+    cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY = ["circle"]
+    assert "every score is 1.0" in build_protocol_card(cfg, SUBSET)["warnings"][0]
+    cfg.MODEL.REGIONSPOT.VOCABULARY = "dataset"
     cfg.MODEL.REGIONSPOT.PROTOCOL.MASK_RESIZE = "fixed"
     cfg.MODEL.REGIONSPOT.PROTOCOL.BOX_RESCALE = "fixed"
     assert build_protocol_card(cfg, SUBSET)["image_scale"]["name"] == "authors-resize-fixed"

@@ -190,6 +190,14 @@ def build_protocol_card(cfg, dataset_name: str, model=None, results: Optional[di
         "versions": _versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    warnings = []
+    if card["vocabulary"]["size"] == 1 and rs.CLASS_SCORE == "softmax":
+        warnings.append(
+            "one-class vocabulary with softmax scores: every score is 1.0, so the AP measures the boxes only "
+            "(MODEL.REGIONSPOT.CLASS_SCORE sigmoid scores each class on its own)"
+        )
+    if warnings:
+        card["warnings"] = warnings
     if results is not None:
         card["results"] = json.loads(json.dumps(results, default=float))
     return card
