@@ -20,6 +20,7 @@ from detectron2.utils.logger import setup_logger
 
 import regionspot  # noqa: F401  (registers the meta-architecture, head and datasets)
 from regionspot import RegionSpotCheckpointer
+from regionspot.checkpoint import check_head_weights
 from regionspot.config import get_regionspot_cfg
 from regionspot.data import build_regionspot_train_loader
 from regionspot.data.checks import check_run_inputs
@@ -111,6 +112,8 @@ def main(args):
     # not after the model is built and the vocabulary encoded.
     check_run_inputs(cfg, eval_only=args.eval_only)
     if args.eval_only:
+        # A fusion module with random weights is evaluated only with MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD.
+        check_head_weights(cfg, resume=args.resume)
         # Evaluation needs no training vocabularies (nor the training datasets' files).
         eval_cfg = cfg.clone()
         eval_cfg.defrost()
@@ -120,6 +123,7 @@ def main(args):
         RegionSpotCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         if cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS:  # MODEL.WEIGHTS was the detector's (GeneralizedRCNN recipes)
             load_head_weights(model, cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS)
+        check_head_weights(cfg, model)  # what the loaders actually loaded
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -7,7 +7,7 @@ import torch
 
 from detectron2.modeling import build_model
 
-from .checkpoint import RegionSpotCheckpointer
+from .checkpoint import RegionSpotCheckpointer, check_head_weights
 from .modeling.input_checks import (
     EMPTY_BOX_POLICIES,
     check_boxes,
@@ -65,6 +65,8 @@ class RegionSpotPredictor:
         self.model.eval()
         if self.cfg.MODEL.WEIGHTS:
             RegionSpotCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
+        # A fusion module nothing loaded is refused unless MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD says so.
+        check_head_weights(self.cfg, self.model)
         self.head = self.model.roi_heads
         self._state = None
         self._clip_features = None

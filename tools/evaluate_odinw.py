@@ -34,6 +34,7 @@ from detectron2.modeling import build_model
 
 import regionspot  # noqa: F401  (registers the meta-architecture, head and datasets)
 from regionspot import RegionSpotCheckpointer
+from regionspot.checkpoint import check_head_weights
 from regionspot.config import get_regionspot_cfg
 from regionspot.data.io import atomic_write_bytes
 from regionspot.data.multi_dataset import local_main_process_first
@@ -215,11 +216,13 @@ def main(args, entries, skipped):
     cfg = setup(args, entries)
     if comm.is_main_process():
         print(f"Box source: {describe_box_source(cfg)}", flush=True)
+    check_head_weights(cfg, resume=args.resume)  # before the model is built and the vocabularies encoded
     with local_main_process_first():  # text embeddings encoded once per machine, into the cache
         model = build_model(cfg)
     RegionSpotCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
     if cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS:  # MODEL.WEIGHTS was a detector's (GeneralizedRCNN recipes)
         load_head_weights(model, cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS)
+    check_head_weights(cfg, model)
     names = list(cfg.DATASETS.TEST)
     # Box AP only: ODinW has no instance masks (Roboflow's segmentation fields are empty or boxes).
     evaluators = [

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-import clip
 from clip.model import CLIP
+from clip.model import build_model as build_clip_model
 
+from ..checkpoint import WeightsFileError, read_weights_file, unwrap_state_dict, wrong_weights_error
 from .frozen import FrozenModule, seeded
 
 logger = logging.getLogger(__name__)
@@ -42,19 +43,68 @@ def _arch_of(model: CLIP) -> Tuple[int, int, int]:
     return v.input_resolution, v.conv1.kernel_size[0], v.conv1.out_channels
 
 
+# OpenAI's file of each CLIP.TYPE, named in the messages.
+_CLIP_FILES = {
+    "ViT-B/16": "ViT-B-16.pt",
+    "ViT-L/14": "ViT-L-14.pt",
+    "ViT-L/14@336px": "ViT-L-14-336px.pt",
+    "tiny": "a torch.save of build_clip('tiny', ...).state_dict()",
+}
+# Keys clip.model.build_model reads to size the model: without them it fails with a bare KeyError.
+_CLIP_REQUIRED = ("visual.conv1.weight", "positional_embedding", "text_projection", "token_embedding.weight",
+                  "ln_final.weight")
+
+
+def _read_clip_state_dict(weights: str, clip_type: str) -> Dict[str, torch.Tensor]:
+    """
+    CLIP's state dict from ``weights``: an OpenAI TorchScript archive (``torch.jit.load``, which runs
+    no Python) or a plain state dict (``torch.load(weights_only=True)``; a ``{"model": ...}`` or
+    ``{"state_dict": ...}`` wrapper is accepted). Refused with a clear message when the file is
+    unusable or another model's.
+    """
+    key = "MODEL.REGIONSPOT.CLIP.WEIGHTS"
+    expected = (
+        f"OpenAI's CLIP file for CLIP.TYPE={clip_type!r} ({_CLIP_FILES[clip_type]}; TorchScript) or a plain CLIP "
+        "state dict"
+    )
+    state_dict = unwrap_state_dict(read_weights_file(weights, key, expected, allow_torchscript=True))
+    if not isinstance(state_dict, dict):
+        raise WeightsFileError(
+            f"{key}={weights!r} holds a {type(state_dict).__name__}, not a state dict. {key} must be {expected}.",
+            weights, key,
+        )
+    missing = [k for k in _CLIP_REQUIRED if k not in state_dict]
+    if missing:
+        clip_like = any(isinstance(k, str) and k.startswith(("visual.", "transformer.resblocks.")) for k in state_dict)
+        problem = (
+            f"is an incomplete CLIP state dict (no {', '.join(missing)})" if clip_like
+            else "holds no OpenAI CLIP weights (no visual.*, transformer.resblocks.*, token_embedding.* keys)"
+        )
+        raise wrong_weights_error(weights, key, expected, problem, state_dict)
+    return state_dict
+
+
 def build_clip(clip_type: str, weights: str = "", random_init: bool = False, seed: int = 0) -> CLIP:
     """
     Build a stock ``clip.model.CLIP`` in fp32.
 
     Args:
         clip_type: a key of ``CLIP_ARCHS``.
-        weights: OpenAI archive (``ViT-B-16.pt``, TorchScript) or a plain state dict, read with
-            ``clip.load(path, device="cpu", jit=False)``.
+        weights: OpenAI archive (``ViT-B-16.pt``, TorchScript) or a plain state dict. Read as
+            ``clip.load(path, device="cpu", jit=False)`` reads them (``clip.model.build_model`` on the
+            archive's or file's state dict), with ``torch.load(weights_only=True)`` for state dicts.
         random_init: allow empty ``weights``; the model then has seeded random weights.
         seed: seed of the random weights.
 
     Returns:
         CLIP in eval mode, fp32, on CPU.
+
+    Raises:
+        FileNotFoundError: ``weights`` does not exist.
+        ValueError: unknown type, or empty ``weights`` without ``random_init``.
+        regionspot.checkpoint.WeightsFileError: (a ValueError) ``weights`` is unreadable (empty,
+            cut short, not a checkpoint), another model's (SAM, RegionSpot, a detector), or a CLIP of
+            another ``clip_type``.
     """
     if clip_type not in CLIP_ARCHS:
         raise ValueError(
@@ -72,18 +122,29 @@ def build_clip(clip_type: str, weights: str = "", random_init: bool = False, see
         return model.float().eval()
     if not os.path.isfile(weights):
         raise FileNotFoundError(
-            f"CLIP weights not found: {weights!r} (MODEL.REGIONSPOT.CLIP.WEIGHTS). Give the path of "
-            f"OpenAI's archive for CLIP.TYPE={clip_type!r}."
+            f"MODEL.REGIONSPOT.CLIP.WEIGHTS={weights!r} does not exist. Give the path of OpenAI's archive for "
+            f"CLIP.TYPE={clip_type!r} ({_CLIP_FILES[clip_type]})."
         )
-    model, _ = clip.load(weights, device="cpu", jit=False)
+    state_dict = _read_clip_state_dict(weights, clip_type)
+    try:
+        # What clip.load(jit=False) does with the state dict (fp16 weights, as OpenAI's archives).
+        model = build_clip_model(state_dict)
+    except (KeyError, RuntimeError, ValueError, IndexError) as e:
+        raise WeightsFileError(
+            f"MODEL.REGIONSPOT.CLIP.WEIGHTS={weights!r} does not hold a complete OpenAI CLIP model "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). It must be OpenAI's CLIP "
+            f"file for CLIP.TYPE={clip_type!r} ({_CLIP_FILES[clip_type]}) or a plain CLIP state dict.",
+            weights, "MODEL.REGIONSPOT.CLIP.WEIGHTS",
+        ) from e
     model = model.float().eval()
     arch = CLIP_ARCHS[clip_type]
     expected = (arch["image_resolution"], arch["vision_patch_size"], arch["vision_width"])
     if _arch_of(model) != expected:
-        raise ValueError(
-            f"CLIP weights {weights!r} are a ViT with (resolution, patch, width) = {_arch_of(model)}, "
-            f"but MODEL.REGIONSPOT.CLIP.TYPE={clip_type!r} expects {expected}; set CLIP.TYPE to "
-            "the model the file holds."
+        raise WeightsFileError(
+            f"CLIP weights {weights!r} (MODEL.REGIONSPOT.CLIP.WEIGHTS) are a ViT with (resolution, patch, width) = "
+            f"{_arch_of(model)}, but MODEL.REGIONSPOT.CLIP.TYPE={clip_type!r} expects {expected}; set CLIP.TYPE to "
+            "the model the file holds.",
+            weights, "MODEL.REGIONSPOT.CLIP.WEIGHTS",
         )
     return model
 

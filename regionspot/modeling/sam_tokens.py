@@ -22,6 +22,7 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from ..checkpoint import WeightsFileError, read_weights_file, unwrap_state_dict, wrong_weights_error
 from .frozen import FrozenModule, seeded
 from .sam_fast import decode_prompts_fast, use_fused_encoder_attention
 
@@ -69,18 +70,58 @@ def _build_tiny_sam() -> Sam:
     )
 
 
+# The official file of each SAM.TYPE, named in the messages.
+_SAM_FILES = {
+    "vit_b": "sam_vit_b_01ec64.pth",
+    "vit_l": "sam_vit_l_0b3195.pth",
+    "vit_h": "sam_vit_h_4b8939.pth",
+    "tiny": "a torch.save of build_sam('tiny', ...).state_dict()",
+}
+# A SAM state dict has these three modules (segment_anything.Sam's children).
+_SAM_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+
+
+def _read_sam_state_dict(weights: str, sam_type: str):
+    """
+    SAM's state dict from ``weights`` (``torch.load(weights_only=True)``; a ``{"model": ...}``
+    wrapper is accepted), refused with a clear message when the file is unusable or another model's.
+    """
+    key = "MODEL.REGIONSPOT.SAM.WEIGHTS"
+    expected = f"SAM's official state dict for SAM.TYPE={sam_type!r} ({_SAM_FILES[sam_type]})"
+    state_dict = unwrap_state_dict(read_weights_file(weights, key, expected))
+    if not isinstance(state_dict, dict):
+        raise WeightsFileError(
+            f"{key}={weights!r} holds a {type(state_dict).__name__}, not a state dict. {key} must be {expected}.",
+            weights, key,
+        )
+    if not any(k.startswith(_SAM_PREFIXES) for k in state_dict if isinstance(k, str)):
+        raise wrong_weights_error(
+            weights, key, expected, "holds no SAM weights (no image_encoder.*, prompt_encoder.*, mask_decoder.* keys)",
+            state_dict,
+        )
+    return state_dict
+
+
 def build_sam(sam_type: str, weights: str = "", random_init: bool = False, seed: int = 0) -> Sam:
     """
     Build a stock ``segment_anything.Sam``.
 
     Args:
         sam_type: one of ``SAM_TYPES``.
-        weights: path to an official SAM state dict (``sam_vit_b_01ec64.pth``, ...).
+        weights: path to an official SAM state dict (``sam_vit_b_01ec64.pth``, ...), read with
+            ``torch.load(weights_only=True)``.
         random_init: allow empty ``weights``; the model then has seeded random weights.
         seed: seed of the random weights.
 
     Returns:
         Sam in eval mode, fp32, on CPU.
+
+    Raises:
+        FileNotFoundError: ``weights`` does not exist.
+        ValueError: unknown type, or empty ``weights`` without ``random_init``.
+        regionspot.checkpoint.WeightsFileError: (a ValueError) ``weights`` is unreadable (empty,
+            cut short, not a checkpoint), another model's (CLIP, RegionSpot, a detector), or SAM
+            weights of another ``sam_type``.
     """
     if sam_type not in SAM_TYPES:
         raise ValueError(
@@ -92,23 +133,24 @@ def build_sam(sam_type: str, weights: str = "", random_init: bool = False, seed:
             f"(e.g. sam_vit_b_01ec64.pth for SAM.TYPE={sam_type!r}), or set "
             "MODEL.REGIONSPOT.RANDOM_INIT_FROZEN=True for random stand-in weights (tests only)."
         )
+    if weights and not os.path.isfile(weights):
+        # Before building: a ViT-H takes seconds to initialise.
+        raise FileNotFoundError(
+            f"MODEL.REGIONSPOT.SAM.WEIGHTS={weights!r} does not exist. Download the official checkpoint of "
+            f"SAM.TYPE={sam_type!r} ({_SAM_FILES[sam_type]}) and give its path."
+        )
+    state_dict = _read_sam_state_dict(weights, sam_type) if weights else None
     with seeded(seed):
         sam = _build_tiny_sam() if sam_type == "tiny" else sam_model_registry[sam_type]()
-    if weights:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(
-                f"SAM weights not found: {weights!r} (MODEL.REGIONSPOT.SAM.WEIGHTS). Download "
-                "the official checkpoint of SAM.TYPE and give its path."
-            )
-        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(state_dict, dict) and "model" in state_dict and isinstance(state_dict["model"], dict):
-            state_dict = state_dict["model"]
+    if state_dict is not None:
         try:
             sam.load_state_dict(state_dict)
         except RuntimeError as e:
-            raise ValueError(
-                f"SAM weights {weights!r} do not fit MODEL.REGIONSPOT.SAM.TYPE={sam_type!r}; "
-                f"choose the TYPE the file was made for. Details: {str(e).splitlines()[0]}"
+            raise WeightsFileError(
+                f"SAM weights {weights!r} (MODEL.REGIONSPOT.SAM.WEIGHTS) do not fit "
+                f"MODEL.REGIONSPOT.SAM.TYPE={sam_type!r}; choose the TYPE the file was made for (or the file of "
+                f"that TYPE: {_SAM_FILES[sam_type]}). Details: {str(e).splitlines()[0]}",
+                weights, "MODEL.REGIONSPOT.SAM.WEIGHTS",
             ) from e
     return sam.eval()
 
