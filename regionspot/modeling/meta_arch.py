@@ -1,6 +1,6 @@
 """The ``RegionSpot`` meta-architecture: given regions in, open-vocabulary instances out."""
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import ImageList, Instances, ROIMasks
 
 from ..checkpoint import accept_released_checkpoints
+from .sam_tokens import SamImageState
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +24,14 @@ BOX_SOURCES = ("GT", "PROPOSALS", "GENERATOR")
 @META_ARCH_REGISTRY.register()
 class RegionSpot(nn.Module):
     """
-    Recognise the regions each image comes with: its annotated boxes (GT protocol) or detectron2's
-    precomputed proposals (boxes from any detector). The work is done by the ROI head
-    (``MODEL.ROI_HEADS.NAME``, normally ``RegionSpotROIHeads``); there is no backbone.
+    Recognise the regions each image comes with: its annotated boxes (GT protocol), detectron2's
+    precomputed proposals (boxes from any detector), or those of a proposal generator run on the
+    image (``BOX_SOURCE`` "GENERATOR", e.g. ``SamAutomaticProposals``). The work is done by the ROI
+    head (``MODEL.ROI_HEADS.NAME``, normally ``RegionSpotROIHeads``); there is no backbone.
+
+    With ``SamAutomaticProposals`` the generator runs on the head's SAM: it encodes each image once
+    and hands the head its proposals together with the SAM image states they were decoded from
+    (``proposals, sam_states -> roi_heads``), so SAM's image encoder runs once per image, not twice.
 
     At test time the mapper (:class:`regionspot.data.RegionSpotTestMapper`) resizes images as
     ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` say (800/1333 in the shipped LVIS configs, the
@@ -47,7 +53,13 @@ class RegionSpot(nn.Module):
         Args:
             roi_heads: the head that recognises regions.
             pixel_mean, pixel_std: normalisation applied to images before the head.
-            box_source: "GT" or "PROPOSALS".
+            box_source: "GT", "PROPOSALS" or "GENERATOR".
+            proposal_generator: the regions' source with "GENERATOR".
+
+        Raises:
+            ValueError: unknown ``box_source``; "GENERATOR" without a generator; a generator sharing
+                the head's SAM that reads the pixels differently from the head (its image states
+                would be of other pixels than the head's).
         """
         super().__init__()
         if box_source not in BOX_SOURCES:
@@ -58,7 +70,10 @@ class RegionSpot(nn.Module):
             raise ValueError("BOX_SOURCE='GENERATOR' needs MODEL.PROPOSAL_GENERATOR.NAME (e.g. SamAutomaticProposals).")
         self.proposal_generator = proposal_generator
         if hasattr(proposal_generator, "use_sam") and hasattr(roi_heads, "sam"):
-            proposal_generator.use_sam(roi_heads.sam.sam)  # one SAM for proposals and prompts
+            # One SAM for proposals and prompts, and the generator encodes the images with the head's
+            # own call, so the head can decode its prompts on the generator's image states.
+            _check_same_pixels(proposal_generator, roi_heads)
+            proposal_generator.use_sam(roi_heads.sam)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         # The stock DetectionCheckpointer then reads the authors' released checkpoints too.
@@ -90,9 +105,21 @@ class RegionSpot(nn.Module):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images)
 
+    def _generated_regions(self, images: ImageList) -> Tuple[List[Instances], Optional[List[SamImageState]]]:
+        """
+        BOX_SOURCE "GENERATOR": the generator's proposals, and the SAM image states they came with
+        when the generator encoded the images with the head's SAM (None otherwise: the head encodes).
+        """
+        generator = self.proposal_generator
+        shares_sam = getattr(generator, "sam_encoder", None) is not None and generator.sam_encoder is getattr(
+            self.roi_heads, "sam", None
+        )
+        if shares_sam:
+            return generator.propose_with_image_states(images)
+        return generator(images, {}, None)[0], None
+
     def _regions(self, batched_inputs: List[Dict], images: Optional[ImageList] = None) -> List[Instances]:
-        if self.box_source == "GENERATOR":
-            return self.proposal_generator(images, {}, None)[0]
+        """BOX_SOURCE "GT" or "PROPOSALS": the regions the inputs come with."""
         regions = []
         for x in batched_inputs:
             if self.box_source == "PROPOSALS":
@@ -167,6 +194,10 @@ class RegionSpot(nn.Module):
         images = self.preprocess_image(batched_inputs)
         if detected_instances is not None:
             results = self.roi_heads.forward_with_given_boxes(images, [d.to(self.device) for d in detected_instances])
+        elif self.box_source == "GENERATOR":
+            # Proposals + the SAM image states they were decoded from -> head: SAM encodes each image once.
+            proposals, sam_states = self._generated_regions(images)
+            results, _ = self.roi_heads(images, {}, proposals, None, sam_states=sam_states)
         else:
             results, _ = self.roi_heads(images, {}, self._regions(batched_inputs, images), None)
         if not do_postprocess:
@@ -182,6 +213,21 @@ class RegionSpot(nn.Module):
             }
             for r, x in zip(results, batched_inputs)
         ]
+
+
+def _check_same_pixels(proposal_generator: nn.Module, roi_heads: nn.Module) -> None:
+    # The head pairs the generator's SAM states with its own CLIP view: both must come from the same
+    # un-normalised RGB pixels (images_to_rgb_uint8 with the same mean, std and format).
+    for name in ("pixel_mean", "pixel_std", "input_format"):
+        a, b = getattr(proposal_generator, name, None), getattr(roi_heads, name, None)
+        if a is None or b is None:
+            continue
+        same = torch.equal(a.cpu(), b.cpu()) if isinstance(a, torch.Tensor) else a == b
+        if not same:
+            raise ValueError(
+                f"The proposal generator and the ROI head read the pixels differently ({name}: {a} vs {b}); "
+                "build both from the same MODEL.PIXEL_MEAN, MODEL.PIXEL_STD and INPUT.FORMAT."
+            )
 
 
 def check_device(device: str) -> None:

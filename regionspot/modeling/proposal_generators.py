@@ -6,9 +6,15 @@ SAM's automatic mask generator as a detectron2 proposal generator.
 and stability, box NMS) on each image and returns the boxes of the masks it keeps as detectron2
 proposals: ``proposal_boxes`` and ``objectness_logits`` (the logit of SAM's predicted IoU), so the
 RegionSpot head can multiply class probabilities by SAM's own confidence (``USE_BOX_SCORES``).
+
+SAM's image encoder is by far the costliest step (seconds per image for ViT-B on a CPU), and the
+RegionSpot head needs the same image embedding to decode its region prompts. The generator
+therefore encodes each image with the head's SAM adapter (:meth:`SamRegionTokens.encode_images`, the
+very call the head makes) and :meth:`SamAutomaticProposals.propose_with_image_states` returns those
+image states (:class:`SamImageState`) with the proposals, for the head to reuse: one encoding per image.
 """
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -17,12 +23,12 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.structures import Boxes, ImageList, Instances
-from segment_anything import SamAutomaticMaskGenerator
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 
 from .frozen import keep_out_of_checkpoints
 from .roi_heads import images_to_rgb_uint8
-from .sam_tokens import build_sam
+from .sam_tokens import SamImageState, SamRegionTokens, build_sam
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +66,35 @@ def amg_masks_to_proposals(
     return out
 
 
+class _GivenStatePredictor(SamPredictor):
+    """
+    A ``SamPredictor`` that takes the image's embedding already computed instead of encoding it.
+
+    ``SamAutomaticMaskGenerator`` calls ``predictor.set_image(crop)`` for each of its crops; set
+    :attr:`given_state` before ``generate`` and the crop that is the whole image (the only one with
+    the default ``crop_n_layers=0``) gets that state, whose embedding SAM's encoder made from the same
+    ``ResizeLongestSide`` + normalisation + padding as ``set_image`` (``SamRegionTokens.encode_images``).
+    Any other crop, or no state, is encoded as the stock predictor does.
+    """
+
+    def __init__(self, sam_model: Sam):
+        super().__init__(sam_model)
+        self.given_state: Optional[SamImageState] = None
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        # Used once: a later crop (or a later image) must never decode on this embedding.
+        state, self.given_state = self.given_state, None
+        whole_image = state is not None and tuple(image.shape[:2]) == tuple(state.original_size)
+        if not whole_image or image_format != self.model.image_format:
+            super().set_image(image, image_format)
+            return
+        self.reset_image()
+        self.original_size = tuple(state.original_size)
+        self.input_size = tuple(state.input_size)
+        self.features = state.embedding
+        self.is_image_set = True
+
+
 @PROPOSAL_GENERATOR_REGISTRY.register()
 class SamAutomaticProposals(nn.Module):
     """
@@ -69,8 +104,9 @@ class SamAutomaticProposals(nn.Module):
     backbone ``features`` are not used (SAM reads the pixels: ``images`` are un-normalised with
     ``MODEL.PIXEL_MEAN``/``PIXEL_STD`` and converted from ``INPUT.FORMAT`` to RGB).
 
-    SAM is the head's when the model calls :meth:`use_sam` (the ``RegionSpot`` meta-architecture
-    does, so SAM's encoder weights are held once); otherwise the generator builds its own from
+    SAM is the head's when the model calls :meth:`use_sam` with the head's ``SamRegionTokens`` (the
+    ``RegionSpot`` meta-architecture does, so SAM's weights are held once and each image is encoded
+    once: see :meth:`propose_with_image_states`); otherwise the generator builds its own from
     ``MODEL.REGIONSPOT.SAM.*`` on its first call. SAM is never part of the state dict.
     """
 
@@ -92,8 +128,9 @@ class SamAutomaticProposals(nn.Module):
     ):
         """
         Args:
-            sam: a stock ``segment_anything.Sam``; or None to build one from ``sam_spec`` (keyword
-                arguments of :func:`build_sam`) when first needed.
+            sam: a stock ``segment_anything.Sam`` or a ``SamRegionTokens`` (see :meth:`use_sam`); or
+                None to build one from ``sam_spec`` (keyword arguments of :func:`build_sam`) when
+                first needed.
             pixel_mean, pixel_std, input_format: how ``images`` were normalised.
             points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
                 box_nms_thresh: ``SamAutomaticMaskGenerator``'s arguments.
@@ -106,6 +143,8 @@ class SamAutomaticProposals(nn.Module):
             raise ValueError(f"INPUT.FORMAT={input_format!r}: SamAutomaticProposals reads RGB or BGR images.")
         self.sam_spec = dict(sam_spec or {})
         self.sam = None
+        # The SamRegionTokens whose encode_images makes the image states (the head's, in RegionSpot).
+        self.sam_encoder: Optional[SamRegionTokens] = None
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
         self.input_format = input_format
@@ -122,7 +161,7 @@ class SamAutomaticProposals(nn.Module):
         if sam is not None:
             self.use_sam(sam)
         # SAM comes from its own file: never saved with the model, never "missing" when loading.
-        keep_out_of_checkpoints(self, "sam")
+        keep_out_of_checkpoints(self, "sam", "sam_encoder")
 
     @classmethod
     def from_config(cls, cfg, input_shape=None):
@@ -146,13 +185,27 @@ class SamAutomaticProposals(nn.Module):
             "max_proposals": amg.MAX_PROPOSALS,
         }
 
-    def use_sam(self, sam: Sam) -> "SamAutomaticProposals":
-        """Run on ``sam`` (e.g. the RegionSpot head's frozen SAM) instead of building one."""
-        if not isinstance(sam, Sam):
-            raise TypeError(f"use_sam() takes a segment_anything Sam, not {type(sam).__name__}.")
-        for p in sam.parameters():
+    def use_sam(self, sam: Union[Sam, SamRegionTokens]) -> "SamAutomaticProposals":
+        """
+        Run on ``sam`` instead of building one.
+
+        Args:
+            sam: the RegionSpot head's ``SamRegionTokens`` (``roi_heads.sam``): images are then
+                encoded by its ``encode_images``, exactly as the head encodes them (same resize,
+                batching and ``FROZEN_PRECISION``), so the head can use the states of
+                :meth:`propose_with_image_states`; or a stock ``segment_anything.Sam``, which is
+                wrapped with the stock forwards (``SamRegionTokens(sam, fast=False)``).
+        """
+        if isinstance(sam, SamRegionTokens):
+            encoder = sam
+        elif isinstance(sam, Sam):
+            encoder = SamRegionTokens(sam, fast=False)
+        else:
+            raise TypeError(f"use_sam() takes a segment_anything Sam or a SamRegionTokens, not {type(sam).__name__}.")
+        for p in encoder.parameters():
             p.requires_grad_(False)
-        self.sam = sam.eval()
+        self.sam_encoder = encoder
+        self.sam = encoder.sam.eval()
         self._generator = None
         return self
 
@@ -169,21 +222,61 @@ class SamAutomaticProposals(nn.Module):
             self.use_sam(build_sam(**self.sam_spec).to(device))
         if self._generator is None:
             self._generator = SamAutomaticMaskGenerator(self.sam, **self.amg_kwargs)
+            # The stock predictor would run the image encoder again on every image.
+            self._generator.predictor = _GivenStatePredictor(self.sam)
         return self._generator
 
     @torch.no_grad()
-    def propose(self, image: np.ndarray) -> Instances:
+    def propose(self, image: np.ndarray, state: Optional[SamImageState] = None) -> Instances:
         """
         Args:
             image: [H, W, 3] uint8 RGB.
+            state: SAM's state of this very image (``sam_encoder.encode_images`` of it), so that the
+                mask generator decodes its point grid on it; None: the mask generator encodes the
+                image itself.
 
         Returns:
             Instances of size (H, W) with ``proposal_boxes`` and ``objectness_logits``.
+
+        Raises:
+            ValueError: ``state`` was made from an image of another size.
         """
+        if state is not None and tuple(state.original_size) != tuple(image.shape[:2]):
+            raise ValueError(
+                f"propose(): the SAM state is of a {tuple(state.original_size)} image, the image is "
+                f"{tuple(image.shape[:2])}; give the state encoded from this image."
+            )
         device = self.pixel_mean.device
         generator = self._mask_generator(device)
-        records = generator.generate(np.ascontiguousarray(image))
+        generator.predictor.given_state = state
+        try:
+            records = generator.generate(np.ascontiguousarray(image))
+        finally:
+            generator.predictor.given_state = None
         return amg_masks_to_proposals(records, image.shape[:2], self.max_proposals, device)
+
+    @torch.no_grad()
+    def propose_with_image_states(self, images: ImageList) -> Tuple[List[Instances], List[SamImageState]]:
+        """
+        Proposals of each image, and the SAM image state they were decoded from.
+
+        SAM's image encoder runs once for the batch, through ``sam_encoder.encode_images`` (with the
+        ``RegionSpot`` meta-architecture, the head's own call on the same un-normalised pixels), so
+        a head sharing this SAM can decode its region prompts on the returned states instead of
+        encoding the images again.
+
+        Args:
+            images: the batch's pixels (normalised with ``pixel_mean``/``pixel_std``).
+
+        Returns:
+            per image, Instances as :meth:`propose`; and per image, its :class:`SamImageState`.
+        """
+        rgbs = images_to_rgb_uint8(images, self.pixel_mean, self.pixel_std, self.input_format)
+        if not rgbs:
+            return [], []
+        self._mask_generator(self.pixel_mean.device)  # builds SAM (and its encoder) when not given one
+        states = self.sam_encoder.encode_images(rgbs)
+        return [self.propose(rgb, state) for rgb, state in zip(rgbs, states)], states
 
     def forward(
         self,
@@ -201,5 +294,5 @@ class SamAutomaticProposals(nn.Module):
             ``objectness_logits``; and an empty loss dict (nothing trains).
         """
         del features, gt_instances
-        rgbs = images_to_rgb_uint8(images, self.pixel_mean, self.pixel_std, self.input_format)
-        return [self.propose(rgb) for rgb in rgbs], {}
+        proposals, _ = self.propose_with_image_states(images)
+        return proposals, {}

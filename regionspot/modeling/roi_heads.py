@@ -409,22 +409,42 @@ class RegionSpotROIHeads(nn.Module):
         features = self.clip.dense_features(self.clip.image_to_tensor(image))
         return state, features
 
-    def encode_images(self, images: Sequence[np.ndarray]) -> Tuple[List[SamImageState], torch.Tensor]:
+    def encode_images(
+        self, images: Sequence[np.ndarray], sam_states: Optional[Sequence[SamImageState]] = None
+    ) -> Tuple[List[SamImageState], torch.Tensor]:
         """
         Several images through each frozen encoder in one batch.
 
         Args:
             images: [H_i, W_i, 3] uint8 RGB images.
+            sam_states: SAM's states of these images when already computed by ``self.sam.encode_images``
+                on the same images (e.g. by ``SamAutomaticProposals`` on this head's SAM): SAM's image
+                encoder is then not run again, only CLIP's.
 
         Returns:
             SAM's image states and CLIP's [B, L, D_v] feature maps.
+
+        Raises:
+            ValueError: ``sam_states`` are not one per image, or one was made from an image of another size.
         """
-        if len(images) == 1:
+        if sam_states is None and len(images) == 1:
             state, features = self.encode_image(images[0])
             return [state], features
-        states = self.sam.encode_images(images)
+        if sam_states is None:
+            sam_states = self.sam.encode_images(images)
+        else:
+            sam_states = list(sam_states)
+            if len(sam_states) != len(images):
+                raise ValueError(f"{len(images)} images but {len(sam_states)} sam_states: give one per image, in order.")
+            for i, (state, image) in enumerate(zip(sam_states, images)):
+                if tuple(state.original_size) != tuple(image.shape[:2]):
+                    raise ValueError(
+                        f"sam_states[{i}] was encoded from a {tuple(state.original_size)} image, image {i} is "
+                        f"{tuple(image.shape[:2])}: the states must be those of these images, in order."
+                    )
+        # One image through this path gives exactly encode_image's CLIP features (the same operations).
         clip_views = [self.clip.preprocess(self.clip.image_to_tensor(im)) for im in images]
-        return states, self.clip.dense_features(torch.cat(clip_views), preprocessed=True)
+        return sam_states, self.clip.dense_features(torch.cat(clip_views), preprocessed=True)
 
     def region_embeddings(self, tokens: torch.Tensor, clip_features: torch.Tensor, padding_mask=None) -> torch.Tensor:
         """[B, N, token_dim] tokens + [B, L, D_v] features -> [B, N, D_t] region embeddings."""
@@ -465,6 +485,7 @@ class RegionSpotROIHeads(nn.Module):
         features: Dict[str, torch.Tensor],
         proposals: List[Instances],
         targets: Optional[List[Instances]] = None,
+        sam_states: Optional[List[SamImageState]] = None,
     ) -> Tuple[List[Instances], Dict[str, torch.Tensor]]:
         """
         Args:
@@ -473,6 +494,10 @@ class RegionSpotROIHeads(nn.Module):
             proposals: per image, ``proposal_boxes`` (XYXY in ``images`` pixels) and optionally
                 ``objectness_logits``, ``point_coords`` [N, P, 2], ``point_labels`` [N, P].
             targets: per image, ``gt_boxes`` and ``gt_classes`` (training).
+            sam_states: inference only: per image, SAM's state of that image when already encoded
+                with this head's SAM (``SamAutomaticProposals.propose_with_image_states`` returns the
+                states its proposals came from), so SAM's image encoder does not run again; None:
+                SAM encodes the images here (see :meth:`encode_images`).
 
         Returns:
             At inference, per image Instances with ``pred_boxes``, ``scores``, ``pred_classes``
@@ -482,18 +507,20 @@ class RegionSpotROIHeads(nn.Module):
 
         Raises:
             ValueError: a proposal box or point prompt is refused by :meth:`check_regions` (checked
-                for every image before any image is encoded), or the numbers of images and
-                proposal sets differ.
+                for every image before any image is encoded), the numbers of images and
+                proposal sets (or ``sam_states``) differ, or a state is of an image of another size.
         """
         del features
         if self.training:
             assert targets is not None, "RegionSpotROIHeads needs targets in training."
             return [], self.losses(images, targets)
         _check_batch_length(images, proposals, "proposals")
+        if sam_states is not None:
+            _check_batch_length(images, sam_states, "sam_states")
         for i, (size, props) in enumerate(zip(images.image_sizes, proposals)):
             self.check_regions(props, tuple(size), f"of image {i} of the batch")
         rgbs = self.images_to_rgb_uint8(images)
-        states, clip_features = self.encode_images(rgbs) if rgbs else ([], None)
+        states, clip_features = self.encode_images(rgbs, sam_states) if rgbs else ([], None)
         results = [
             self.recognize(
                 rgb, props, encoded=(states[i], clip_features[i : i + 1]), where=f"of image {i} of the batch"
