@@ -265,7 +265,67 @@ class ClipDenseFeatures(FrozenModule):
         return x.permute(1, 0, 2).float()
 
     @torch.no_grad()
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[K, 77] token ids -> [K, D_t] un-normalised sentence embeddings (fp32)."""
+    def encode_text(self, tokens: torch.Tensor, stock: bool = False) -> torch.Tensor:
+        """
+        Un-normalised sentence embeddings of CLIP's text tower.
+
+        By default the tower runs over the first L positions only, L = 1 + the last end-of-text
+        (EOT) position in the batch (class-name prompts use about 4-25 of the 77). This is exact:
+        the tower's attention mask is causal, so no position before L sees one at or after L, and
+        the embedding is read at the EOT token. The forward is clip's (``CLIP.encode_text``,
+        ``ResidualAttentionBlock``) written out over the stock modules' weights, batch-first and
+        with ``scaled_dot_product_attention`` (fewer copies than ``nn.MultiheadAttention``); the
+        model is not changed. The result equals clip's ``CLIP.encode_text`` up to float rounding
+        (below 1e-5 in fp32; the matrix shapes differ, so not bit for bit). A tower this cannot
+        reproduce exactly (a mask that lets a position see a later one, attention with extra
+        key/value biases) runs the stock forward instead.
+
+        Args:
+            tokens: [K, N] token ids as ``clip.tokenize`` makes them (N = 77; EOT has the highest
+                id, zeros after it).
+            stock: run clip's own ``CLIP.encode_text`` over all N positions instead (the
+                reference for tests and benchmarks).
+
+        Returns:
+            [K, D_t] float32.
+        """
+        model = self.model
+        tokens = tokens.to(self.device)
         # Always fp32: the embedding cache does not depend on FROZEN_PRECISION.
-        return self.model.encode_text(tokens.to(self.device)).float()
+        if stock or tokens.shape[0] == 0:
+            return model.encode_text(tokens).float()
+        n_ctx = tokens.shape[-1]
+        eot = tokens.argmax(dim=-1)  # clip's rule: the EOT token has the highest id
+        length = int(eot.max()) + 1
+        masks = []
+        for block in model.transformer.resblocks:
+            # The part of the mask clip's ResidualAttentionBlock uses for n_ctx positions.
+            mask = None if block.attn_mask is None else block.attn_mask[..., -n_ctx:, -n_ctx:]
+            attn = block.attn
+            exact = (
+                mask is not None
+                and bool(torch.isneginf(mask[..., :length, length:]).all())
+                and attn.in_proj_weight is not None
+                and attn.bias_k is None
+                and not attn.add_zero_attn
+            )
+            if not exact:
+                if not getattr(self, "_warned_stock_text", False):
+                    logger.warning("CLIP's text tower is not the stock causal one: encoding text at the full context.")
+                    self._warned_stock_text = True
+                return model.encode_text(tokens).float()
+            masks.append(mask[..., :length, :length])
+        dtype = model.dtype
+        x = model.token_embedding(tokens[:, :length]).type(dtype) + model.positional_embedding[:length].type(dtype)
+        batch, width = x.shape[0], x.shape[-1]
+        for block, mask in zip(model.transformer.resblocks, masks):
+            attn = block.attn
+            heads = attn.num_heads
+            # nn.MultiheadAttention's packed q, k, v projection, then attention per head.
+            qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+            q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+            h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(dtype=x.dtype, device=x.device))
+            x = x + attn.out_proj(h.transpose(1, 2).reshape(batch, length, width))
+            x = x + block.mlp(block.ln_2(x))
+        x = model.ln_final(x).type(dtype)
+        return (x[torch.arange(batch, device=x.device), eot] @ model.text_projection).float()

@@ -58,7 +58,9 @@ PROMPT_TEMPLATES = (
 )
 assert len(PROMPT_TEMPLATES) == 81
 
-# Bumped whenever the way embeddings are computed changes, so old cache files are not reused.
+# Bumped whenever the way embeddings are computed changes, so old cache files are not reused. Not
+# bumped for the context-trimmed, deduplicated encoding: it gives the same embeddings (to float
+# rounding, < 1e-5), so entries written before it stay valid.
 _CACHE_FORMAT = "regionspot-text-v1"
 
 
@@ -174,9 +176,16 @@ def encode_vocabulary(
     templates: Sequence[str] = PROMPT_TEMPLATES,
     batch_size: int = 256,
     show_progress: bool = True,
+    stock: bool = False,
 ) -> torch.Tensor:
     """
     Encode class names with the prompt ensemble.
+
+    Each distinct tokenized sentence is encoded once (repeated templates, or names whose
+    sentences coincide, cost nothing extra), longest first in batches of ``batch_size`` sentences
+    of similar length, each batch run only up to its longest sentence
+    (:meth:`ClipDenseFeatures.encode_text`). The result equals the stock computation (every
+    sentence in order at the full 77-token context, ``stock=True``) up to float rounding.
 
     Args:
         clip_features: a :class:`ClipDenseFeatures` (its text tower is used).
@@ -184,24 +193,47 @@ def encode_vocabulary(
         templates: sentence templates with one ``{}``.
         batch_size: sentences per text-tower forward.
         show_progress: show a progress bar.
+        stock: the reference path: every sentence, in order, through clip's own ``encode_text``
+            at the full context (for equality checks and benchmarks).
 
     Returns:
         [C, D_t] float32, each row the mean of the un-normalised sentence embeddings of a class,
         L2-normalised as x / ||x||.
 
     Raises:
-        ValueError: the names are refused by :func:`validate_class_names`.
+        ValueError: the names are refused by :func:`validate_class_names`, or ``batch_size`` < 1.
     """
     class_names = validate_class_names(class_names)
+    if batch_size < 1:
+        raise ValueError(f"batch_size (MODEL.REGIONSPOT.TEXT_BATCH_SIZE) must be at least 1, got {batch_size}.")
     sentences = [t.format(clean_class_name(n)) for n in class_names for t in templates]
     tokens = clip.tokenize(sentences)
-    out = []
-    steps = range(0, len(sentences), batch_size)
-    bar = tqdm(steps, desc=f"Encoding {len(class_names)} class names", unit="batch", disable=not show_progress)
-    for start in bar:
-        out.append(clip_features.encode_text(tokens[start : start + batch_size]).cpu())
-    per_sentence = torch.cat(out).view(len(class_names), len(templates), -1)
-    per_class = per_sentence.mean(dim=1)
+    desc = f"Encoding {len(class_names)} class names"
+    if stock:
+        out = []
+        for start in tqdm(range(0, len(sentences), batch_size), desc=desc, unit="batch", disable=not show_progress):
+            out.append(clip_features.encode_text(tokens[start : start + batch_size], stock=True).cpu())
+        per_sentence = torch.cat(out)
+    else:
+        # The embedding is a function of the token ids alone: encode each distinct row once.
+        unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+        lengths = unique.argmax(dim=-1) + 1  # up to and including the EOT token
+        # Longest first: batches of similar length waste little on padding, and a batch too big
+        # for the device's memory fails at once rather than at the end.
+        order = torch.argsort(lengths, descending=True, stable=True)
+        logger.info(
+            f"{desc}: {len(unique)} distinct sentences of {len(sentences)}, {lengths.float().mean():.1f} tokens on "
+            f"average (longest {int(lengths.max())}) of the {tokens.shape[1]}-token context"
+        )
+        encoded = None
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not show_progress):
+            rows = order[start : start + batch_size]
+            emb = clip_features.encode_text(unique[rows]).cpu()
+            if encoded is None:
+                encoded = emb.new_empty(len(unique), emb.shape[1])
+            encoded[rows] = emb
+        per_sentence = encoded[inverse]
+    per_class = per_sentence.view(len(class_names), len(templates), -1).mean(dim=1)
     return per_class / per_class.norm(dim=-1, keepdim=True)
 
 
