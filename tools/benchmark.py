@@ -141,6 +141,14 @@ RANDOM_IMAGE_HW = (512, 600)
 # ---------------------------------------------------------------------------------------------
 # Machine description
 def cpu_model() -> str:
+    """The CPU's ``Model name`` as ``lscpu`` gives it (else /proc/cpuinfo, else platform)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:

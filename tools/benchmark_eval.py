@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 
@@ -65,6 +64,7 @@ from regionspot.data.mappers import build_regionspot_test_mapper, evaluation_loa
 from regionspot.evaluation import evaluator as evaluator_module  # noqa: E402
 from regionspot.data.multi_dataset import dataset_class_names  # noqa: E402
 from regionspot.evaluation.evaluator import OverlappedEvaluator, build_evaluation_loader, process_outputs  # noqa: E402
+from benchmark import cpu_model  # noqa: E402  (tools/ is the script's folder)
 
 CONFIGS = {"BB": "configs/Base-RegionSpot-BB.yaml", "BL": "configs/Base-RegionSpot-BL.yaml"}
 DATASET = "regionspot_benchmark_eval"
@@ -81,25 +81,6 @@ PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immu
 
 # ---------------------------------------------------------------------------------------------
 # Machine
-def cpu_model() -> str:
-    """``Model name`` of ``lscpu`` (else /proc/cpuinfo, else platform)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def cpu_pressure() -> float:
     """Linux PSI "some" avg10 of the CPU (% of time runnable tasks waited for a CPU), or nan."""
     try:

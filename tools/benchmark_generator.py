@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,29 +47,11 @@ from detectron2.modeling import build_model  # noqa: E402
 
 import regionspot  # noqa: E402
 from regionspot.modeling.meta_arch import rescale_results  # noqa: E402
+from benchmark import cpu_model  # noqa: E402  (tools/ is the script's folder)
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "Base-RegionSpot-BB.yaml")
 VOCABULARY = ("person", "rocket", "flag", "cup", "coffee", "spoon", "plate", "table")
 PHOTOS = ("astronaut", "coffee")
-
-
-def lscpu_model_name() -> str:
-    """The CPU as ``lscpu`` names it (``/proc/cpuinfo`` where lscpu is missing)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build_cfg(args, cache_dir: str):
@@ -261,7 +242,7 @@ def main(argv=None):
     mean = {route: statistics.mean(r["seconds"][route] for r in per_image) for route in ROUTES}
     report = {
         "command": " ".join(["python", os.path.relpath(__file__, REPO_ROOT)] + list(sys.argv[1:] if argv is None else argv)),
-        "cpu_model_name": lscpu_model_name(),
+        "cpu_model_name": cpu_model(),
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(torch.device(args.device)),
         "torch_num_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

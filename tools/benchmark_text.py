@@ -36,29 +36,17 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from benchmark import cpu_model  # noqa: E402  (tools/ is the script's folder)
 
 logger = logging.getLogger("benchmark_text")
 
 VARIANTS = {"BB": ("ViT-B/16", 224), "BL": ("ViT-L/14", 224), "BL336": ("ViT-L/14@336px", 336)}
-
-
-def cpu_model() -> str:
-    """``lscpu``'s Model name (platform's processor string where lscpu is missing)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def lvis_names():
