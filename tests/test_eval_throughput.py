@@ -353,3 +353,16 @@ def test_failure_of_the_model_stops_the_thread(tmp_path, datasets, model, monkey
     with pytest.raises(RuntimeError, match="model failed"):
         evaluate_datasets(cfg, model)
     # _no_thread_left checks that the background thread was stopped.
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Loader workers
+def test_loader_workers_capped_at_usable_cpus(tmp_path, datasets, monkeypatch):
+    from regionspot.data import mappers
+
+    monkeypatch.setattr(mappers, "usable_cpus", lambda: 2)
+    for asked, built in ((4, 2), (2, 2), (1, 1), (0, 0)):
+        cfg = _cfg(tmp_path, COCO_SUBSET, "DATALOADER.NUM_WORKERS", asked)
+        assert mappers.build_regionspot_test_loader(cfg, COCO_SUBSET).num_workers == built
+    with pytest.raises(ValueError, match="NUM_WORKERS=-1"):
+        mappers.evaluation_loader_workers(-1)
