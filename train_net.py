@@ -2,11 +2,11 @@
 """
 Train or evaluate RegionSpot with detectron2's trainer.
 
-    python train_net.py --config-file configs/RegionSpot-tiny_shapes.yaml
-    python train_net.py --config-file configs/RegionSpot-BB_lvis-val_gt-boxes.yaml --eval-only \
+    python train_net.py --config-file configs/Quickstart/RegionSpot-tiny_shapes.yaml
+    python train_net.py --config-file configs/LVIS-Evaluation/RegionSpot-BB_lvis-val_gt-boxes.yaml --eval-only \
         MODEL.WEIGHTS weights/regionspot_bb.pth
     # your own COCO-format data
-    python train_net.py --config-file configs/RegionSpot-BB_lvis-val_gt-boxes.yaml \
+    python train_net.py --config-file configs/LVIS-Evaluation/RegionSpot-BB_lvis-val_gt-boxes.yaml \
         --coco-dataset my_train train.json images/ --coco-dataset my_val val.json images/ \
         DATASETS.TRAIN "('my_train',)" DATASETS.TEST "('my_val',)"
 """

@@ -36,7 +36,7 @@ which no image can be read is always an error. 16-bit images are read as ``value
 may not be a folder that holds an input image (nor an input file itself): the visualisations are
 named after the inputs and would overwrite them.
 
-The default config (``configs/RegionSpot-tiny_shapes.yaml``) uses tiny SAM/CLIP with random stand-in
+The default config (``configs/Quickstart/RegionSpot-tiny_shapes.yaml``) uses tiny SAM/CLIP with random stand-in
 weights: it runs anywhere but recognises nothing real. See the README for the released weights.
 """
 import argparse
@@ -51,7 +51,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs", "RegionSpot-tiny_shapes.yaml")
+DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs", "Quickstart", "RegionSpot-tiny_shapes.yaml")
 VOCABULARY_CHOICES = ("lvis", "coco", "objects365", "custom")
 # Files taken from folders and globs; a file named explicitly is always taken.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

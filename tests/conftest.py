@@ -23,7 +23,7 @@ CUDA = pytest.param(
     "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 )
 DEVICES = ["cpu", CUDA]
-TINY_CONFIG = os.path.join(REPO_ROOT, "configs", "RegionSpot-tiny_shapes.yaml")
+TINY_CONFIG = os.path.join(REPO_ROOT, "configs", "Quickstart", "RegionSpot-tiny_shapes.yaml")
 
 
 @pytest.fixture(autouse=True)

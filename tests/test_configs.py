@@ -9,7 +9,20 @@ from detectron2.modeling import build_model
 import regionspot
 from conftest import REPO_ROOT, TINY_CONFIG as TINY_CONFIG_PATH, tiny_cfg
 
-CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.yaml")) + glob.glob(os.path.join(REPO_ROOT, "projects", "**", "*.yaml"), recursive=True))
+CONFIGS = sorted(
+    glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.yaml"), recursive=True)
+    + glob.glob(os.path.join(REPO_ROOT, "projects", "**", "*.yaml"), recursive=True)
+)
+
+
+def test_configs_are_grouped_by_task():
+    """Bases at the top of configs/, recipes in task folders (as detectron2's projects lay them out)."""
+    top = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO_ROOT, "configs", "*.yaml")))
+    assert top and all(name.startswith("Base-") for name in top), top
+    assert not glob.glob(os.path.join(REPO_ROOT, "projects", "RegionSpot", "*.yaml"))
+    for folder in ("LVIS-Evaluation", "Training", "ODinW", "Quickstart"):
+        assert glob.glob(os.path.join(REPO_ROOT, "configs", folder, "*.yaml")), folder
+    assert len(CONFIGS) >= 38
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, REPO_ROOT) for p in CONFIGS])

@@ -24,7 +24,7 @@ from conftest import REPO_ROOT, tiny_cfg
 from regionspot.modeling import RegionSpot, RegionSpotROIHeads, RegionSpotRelabel, SamAutomaticProposals, load_head_weights
 from regionspot.modeling.proposal_generators import amg_masks_to_proposals
 
-PROJECT = os.path.join(REPO_ROOT, "projects", "RegionSpot")
+PROJECT = os.path.join(REPO_ROOT, "projects", "RegionSpot", "configs")
 
 
 def project_cfg(name, cache_dir, *opts):
@@ -61,12 +61,12 @@ def coffee():
 
 @pytest.fixture(scope="module")
 def rcnn(cache_dir):
-    return build(project_cfg("RegionSpot-tiny_rpn-proposals_shapes.yaml", cache_dir))
+    return build(project_cfg("RPN-Proposals/RegionSpot-tiny_rpn-proposals_shapes.yaml", cache_dir))
 
 
 @pytest.fixture(scope="module")
 def relabel(cache_dir):
-    return build(project_cfg("RegionSpot-tiny_relabel-mask-rcnn_shapes.yaml", cache_dir))
+    return build(project_cfg("Detector-Relabel/RegionSpot-tiny_relabel-mask-rcnn_shapes.yaml", cache_dir))
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def empty_proposals(images):
 def test_generalized_rcnn_rpn_proposals(rcnn, astronaut):
     assert type(rcnn) is GeneralizedRCNN and isinstance(rcnn.proposal_generator, RPN)
     assert isinstance(rcnn.roi_heads, RegionSpotROIHeads)
-    cfg = project_cfg("RegionSpot-tiny_rpn-proposals_shapes.yaml", "unused")
+    cfg = project_cfg("RPN-Proposals/RegionSpot-tiny_rpn-proposals_shapes.yaml", "unused")
     inp, resized = rcnn_input(cfg, astronaut)
     assert min(resized.shape[:2]) == 200
 
@@ -139,7 +139,7 @@ def test_generalized_rcnn_rpn_proposals(rcnn, astronaut):
 
 def test_generalized_rcnn_box_scores_multiply(rcnn, astronaut, monkeypatch):
     """USE_BOX_SCORES: class probability x sigmoid(objectness_logits) of the RPN box."""
-    cfg = project_cfg("RegionSpot-tiny_rpn-proposals_shapes.yaml", "unused")
+    cfg = project_cfg("RPN-Proposals/RegionSpot-tiny_rpn-proposals_shapes.yaml", "unused")
     inp, _ = rcnn_input(cfg, astronaut)
     boxes = torch.tensor([[10.0, 10.0, 120.0, 150.0], [60.0, 30.0, 190.0, 190.0], [100.0, 100.0, 140.0, 130.0]])
 
@@ -161,7 +161,7 @@ def test_generalized_rcnn_box_scores_multiply(rcnn, astronaut, monkeypatch):
 
 
 def test_generalized_rcnn_empty_rpn(rcnn, astronaut, monkeypatch):
-    cfg = project_cfg("RegionSpot-tiny_rpn-proposals_shapes.yaml", "unused")
+    cfg = project_cfg("RPN-Proposals/RegionSpot-tiny_rpn-proposals_shapes.yaml", "unused")
     inp, _ = rcnn_input(cfg, astronaut)
     monkeypatch.setattr(rcnn.proposal_generator, "forward", lambda images, features, gt=None: (empty_proposals(images), {}))
     with torch.no_grad():
@@ -347,7 +347,7 @@ def test_relabel_mask_rcnn_from_config(relabel, astronaut, cache_dir):
     d = (inst.pred_boxes.tensor[:, None] - 2 * regions.proposal_boxes.tensor[None]).abs().amax(-1)
     assert (d.amin(1) < 1e-3).all()  # every result is a detector box
 
-    per_region = build(project_cfg("RegionSpot-tiny_relabel-mask-rcnn_shapes.yaml", cache_dir,
+    per_region = build(project_cfg("Detector-Relabel/RegionSpot-tiny_relabel-mask-rcnn_shapes.yaml", cache_dir,
                                    "MODEL.REGIONSPOT.SCORING", "per_region"))
     regions = per_region.detect(to_chw(image))
     inst = per_region([{"image": to_chw(image)}])[0]["instances"]
@@ -416,7 +416,7 @@ def test_point_prompts_through_head(regionspot_model, coffee):
 # -----------------------------------------------------------------------------------------------
 # SAM's automatic mask generator as proposal generator
 def test_sam_automatic_proposals(cache_dir, astronaut):
-    cfg = project_cfg("RegionSpot-tiny_sam-proposals_shapes.yaml", cache_dir)
+    cfg = project_cfg("SAM-Proposals/RegionSpot-tiny_sam-proposals_shapes.yaml", cache_dir)
     generator = build_proposal_generator(cfg, None)
     assert isinstance(generator, SamAutomaticProposals) and generator.sam is None  # built when first needed
     image = astronaut[::2, ::2]
@@ -468,7 +468,7 @@ def test_amg_records_to_proposals():
 
 def test_regionspot_with_sam_proposals(cache_dir, astronaut):
     """BOX_SOURCE 'GENERATOR': the RegionSpot meta-architecture prompts with SAM's automatic proposals."""
-    model = build(project_cfg("RegionSpot-tiny_sam-proposals_shapes.yaml", cache_dir))
+    model = build(project_cfg("SAM-Proposals/RegionSpot-tiny_sam-proposals_shapes.yaml", cache_dir))
     assert isinstance(model, RegionSpot) and isinstance(model.proposal_generator, SamAutomaticProposals)
     assert model.proposal_generator.sam is model.roi_heads.sam.sam  # one SAM
     assert not any(".sam." in k or k.startswith("proposal_generator.") for k in model.state_dict())

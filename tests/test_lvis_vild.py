@@ -29,8 +29,8 @@ sys.path.insert(0, REPO_ROOT)
 from train_net import Trainer  # noqa: E402
 
 VILD_CONFIGS = [
-    os.path.join(REPO_ROOT, "configs", "RegionSpot-BB_lvis-vild_base-train.yaml"),
-    os.path.join(REPO_ROOT, "projects", "RegionSpot", "RegionSpot-BB_relabel-mask-rcnn-lvis-base_lvis-vild.yaml"),
+    os.path.join(REPO_ROOT, "configs", "Training", "RegionSpot-BB_lvis-vild_base-train.yaml"),
+    os.path.join(REPO_ROOT, "projects", "RegionSpot", "configs", "Detector-Relabel", "RegionSpot-BB_relabel-mask-rcnn-lvis-base_lvis-vild.yaml"),
 ]
 
 # A tiny LVIS: ids 1..6, frequencies f c r f r c; "horned_cow" named by its first synonym as in LVIS v1.

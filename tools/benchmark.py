@@ -109,7 +109,7 @@ VARIANT_CONFIGS = {
     "BB": "configs/Base-RegionSpot-BB.yaml",
     "BL": "configs/Base-RegionSpot-BL.yaml",
     "BL336": "configs/Base-RegionSpot-BL336.yaml",
-    "tiny": "configs/RegionSpot-tiny_shapes.yaml",
+    "tiny": "configs/Quickstart/RegionSpot-tiny_shapes.yaml",
 }
 MODES = ("reference", "ours_eval_masks", "ours_predictor_masks", "ours_cls_only")
 # Modes measured for memory, each in a subprocess of its own.

@@ -35,7 +35,7 @@ from regionspot.solver import build_regionspot_optimizer  # noqa: E402
 CONFIGS = {
     "BB": "configs/Base-RegionSpot-BB.yaml",
     "BL": "configs/Base-RegionSpot-BL.yaml",
-    "tiny": "configs/RegionSpot-tiny_shapes.yaml",
+    "tiny": "configs/Quickstart/RegionSpot-tiny_shapes.yaml",
 }
 DATASET = "regionspot_benchmark_train"
 

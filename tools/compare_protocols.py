@@ -4,7 +4,7 @@ Measure how much the evaluation protocols differ, side by side in one run, on re
 boxes and GLIP-like box scores.
 
     python tools/compare_protocols.py --variant BB --num-boxes 100
-    python tools/compare_protocols.py --config-file configs/RegionSpot-BB_lvis-val_proposals.yaml \\
+    python tools/compare_protocols.py --config-file configs/LVIS-Evaluation/RegionSpot-BB_lvis-val_proposals.yaml \\
         MODEL.WEIGHTS weights/regionspot_bb.pth MODEL.REGIONSPOT.SAM.WEIGHTS ... (real weights)
 
 Without weights the model is the chosen variant's architecture with seeded random weights (SAM,
@@ -37,7 +37,7 @@ from regionspot.data import build_regionspot_test_mapper
 logger = logging.getLogger("regionspot.compare_protocols")
 
 VARIANTS = {"BB": "configs/Base-RegionSpot-BB.yaml", "BL": "configs/Base-RegionSpot-BL.yaml",
-            "BL336": "configs/Base-RegionSpot-BL336.yaml", "tiny": "configs/RegionSpot-tiny_shapes.yaml"}
+            "BL336": "configs/Base-RegionSpot-BL336.yaml", "tiny": "configs/Quickstart/RegionSpot-tiny_shapes.yaml"}
 
 # name -> config overrides on top of the authors' protocol
 PROTOCOLS = {

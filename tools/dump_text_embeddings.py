@@ -3,7 +3,7 @@
 Precompute the CLIP text embeddings of a vocabulary into RegionSpot's on-disk cache, so that the model
 (``train_net.py``, ``demo/demo.py``, ``RegionSpotPredictor``) encodes nothing when it starts::
 
-    python tools/dump_text_embeddings.py --config-file configs/RegionSpot-BB_lvis-val_gt-boxes.yaml \\
+    python tools/dump_text_embeddings.py --config-file configs/LVIS-Evaluation/RegionSpot-BB_lvis-val_gt-boxes.yaml \\
         --vocabulary lvis_v1_val
     python tools/dump_text_embeddings.py --config-file configs/Base-RegionSpot-BL.yaml \\
         --vocabulary custom --custom-vocabulary "cat,dog,sofa" --output sofa_vocab.pt
@@ -33,7 +33,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs", "RegionSpot-tiny_shapes.yaml")
+DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs", "Quickstart", "RegionSpot-tiny_shapes.yaml")
 
 logger = logging.getLogger("regionspot.dump_text_embeddings")
 

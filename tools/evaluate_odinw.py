@@ -3,11 +3,11 @@
 Evaluate RegionSpot on ODinW-13 (GLIP's 13 "Object Detection in the Wild" datasets) and print the
 box AP of each dataset and their average::
 
-    python tools/evaluate_odinw.py --config-file configs/RegionSpot-BB_odinw13_gt-boxes.yaml \\
+    python tools/evaluate_odinw.py --config-file configs/ODinW/RegionSpot-BB_odinw13_gt-boxes.yaml \\
         MODEL.WEIGHTS weights/regionspot_bb.pth
     # boxes of a detector: one proposal file per dataset, <dir>/<dataset name>.pkl
     # (tools/convert_detections_to_proposals.py --dataset odinw13_Aquarium_val ...)
-    python tools/evaluate_odinw.py --config-file configs/RegionSpot-BB_odinw13_gt-boxes.yaml \\
+    python tools/evaluate_odinw.py --config-file configs/ODinW/RegionSpot-BB_odinw13_gt-boxes.yaml \\
         --proposals-dir proposals/odinw13_glip_t MODEL.WEIGHTS weights/regionspot_bb.pth
 
 Datasets are read from ``$DETECTRON2_DATASETS/odinw/`` (or ``--datasets-root``) in the layout of

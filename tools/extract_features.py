@@ -3,10 +3,10 @@
 Extract the frozen models' features of training datasets into a feature cache, so that training
 (``train_net.py`` with ``MODEL.REGIONSPOT.FEATURE_CACHE.DIR``) never runs SAM or CLIP::
 
-    python tools/extract_features.py --config-file configs/RegionSpot-BB_stage1_objects365.yaml \\
+    python tools/extract_features.py --config-file configs/Training/RegionSpot-BB_stage1_objects365.yaml \\
         --output feature_cache/bb_o365 --views identity,hflip
     # then
-    python train_net.py --config-file configs/RegionSpot-BB_stage1_objects365.yaml \\
+    python train_net.py --config-file configs/Training/RegionSpot-BB_stage1_objects365.yaml \\
         MODEL.REGIONSPOT.FEATURE_CACHE.DIR feature_cache/bb_o365
 
 For every image of the datasets (default: all of ``DATASETS.TRAIN``) and every view (``--views``:
@@ -44,7 +44,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs", "RegionSpot-tiny_shapes.yaml")
+DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs", "Quickstart", "RegionSpot-tiny_shapes.yaml")
 
 logger = logging.getLogger("regionspot.extract_features")
 

@@ -28,7 +28,7 @@ from train_net import Trainer  # noqa: E402
 from regionspot.config import get_regionspot_cfg  # noqa: E402
 
 logger = logging.getLogger("regionspot.quickstart")
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "RegionSpot-tiny_shapes.yaml")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "Quickstart", "RegionSpot-tiny_shapes.yaml")
 
 
 def parse_args(argv=None):

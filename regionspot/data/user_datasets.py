@@ -6,7 +6,7 @@ detectron2 expects a dataset to be registered in the process that uses it (with
 also take ``--coco-dataset NAME JSON IMAGE_ROOT`` (repeatable), which does exactly that in every
 process ``launch`` starts, so a dataset on disk needs no code::
 
-    python train_net.py --config-file configs/RegionSpot-BB_lvis-val_gt-boxes.yaml \\
+    python train_net.py --config-file configs/LVIS-Evaluation/RegionSpot-BB_lvis-val_gt-boxes.yaml \\
         --coco-dataset my_train data/train.json data/images --coco-dataset my_val data/val.json data/images \\
         DATASETS.TRAIN "('my_train',)" DATASETS.TEST "('my_val',)"
 
