@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from clip.model import CLIP
 from clip.model import build_model as build_clip_model
 
-from ..checkpoint import WeightsFileError, read_weights_file, unwrap_state_dict, wrong_weights_error
+from .weights import WeightsFileError, read_weights_file, unwrap_state_dict, wrong_weights_error
 from .frozen import FrozenModule, seeded
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from detectron2.modeling.proposal_generator import build_proposal_generator
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import ImageList, Instances, ROIMasks
 
-from ..checkpoint import accept_released_checkpoints
+from .weights import accept_released_checkpoints
 from .sam_tokens import SamImageState
 
 logger = logging.getLogger(__name__)

@@ -6,8 +6,9 @@ config (``MODEL.REGIONSPOT.DETECTOR.CONFIG``) with its own weights (``DETECTOR.W
 ``RegionSpotROIHeads``. The detector's final boxes (and scores) become the prompts; RegionSpot
 gives the open-vocabulary classes and SAM masks.
 
-:func:`load_head_weights` loads a RegionSpot checkpoint into the head of any model (e.g. a
-``GeneralizedRCNN`` whose ``MODEL.WEIGHTS`` are the detector's).
+:func:`load_head_weights` (defined in :mod:`regionspot.modeling.weights`, re-exported here) loads a
+RegionSpot checkpoint into the head of any model (e.g. a ``GeneralizedRCNN`` whose ``MODEL.WEIGHTS``
+are the detector's).
 """
 import logging
 import os
@@ -22,23 +23,10 @@ from detectron2.data import transforms as T
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import Boxes, ImageList, Instances
-from detectron2.utils.file_io import PathManager
 
-from ..checkpoint import (
-    FUSION_PREFIXES,
-    RegionSpotCheckpointer,
-    REGIONSPOT_CHECKPOINT,
-    WeightsFileError,
-    accept_released_checkpoints,
-    convert_regionspot_state_dict,
-    read_weights_file,
-    record_fusion_weights,
-    unwrap_state_dict,
-    wrong_weights_error,
-)
 from .frozen import keep_out_of_checkpoints
-from .fusion import RegionSpotFusion
 from .meta_arch import batch_vocabulary, check_device, rescale_results
+from .weights import accept_released_checkpoints, load_detector_weights, load_head_weights
 
 logger = logging.getLogger(__name__)
 
@@ -47,80 +35,6 @@ __all__ = ["RegionSpotRelabel", "build_detector", "load_detector_config", "load_
 MODEL_ZOO_PREFIX = "model_zoo:"
 # Detector scores are clamped into (EPS, 1 - EPS) before their logit becomes the box score.
 _EPS = 1e-6
-
-
-# ---------------------------------------------------------------------------------------------
-# RegionSpot weights into any model
-def load_head_weights(model: nn.Module, path: str) -> List[str]:
-    """
-    Load a RegionSpot checkpoint's fusion module into the ``RegionSpotFusion`` of ``model``.
-
-    For models whose ``MODEL.WEIGHTS`` is another file (a ``GeneralizedRCNN`` loads the detector's
-    backbone and RPN from it): call this after the checkpointer, with
-    ``MODEL.REGIONSPOT.HEAD_WEIGHTS``. Reads our layout (``roi_heads.fusion.*``), the released one
-    (``model.to_clip.*`` ..., frozen SAM/CLIP tensors ignored) and a bare fusion state dict; shapes are
-    checked, so another variant's checkpoint fails with a message naming both. Other keys of the file
-    are ignored. Files are read with ``torch.load(weights_only=True)`` (``.pkl``: a plain pickle, as
-    detectron2 reads them).
-
-    Returns:
-        the names (inside the fusion module) of the loaded tensors.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: no path, or not one fusion module in ``model``.
-        regionspot.checkpoint.WeightsFileError: (a ValueError) the file is unreadable (empty, cut
-            short, not a checkpoint), holds no or only part of the fusion weights (e.g. SAM's, CLIP's
-            or a detector's file), or those of another variant.
-    """
-    key = "MODEL.REGIONSPOT.HEAD_WEIGHTS"
-    fusions = [(n, m) for n, m in model.named_modules() if isinstance(m, RegionSpotFusion)]
-    if len(fusions) != 1:
-        raise ValueError(f"load_head_weights: the model has {len(fusions)} RegionSpotFusion modules; expected one.")
-    _, fusion = fusions[0]
-    if not path:
-        raise ValueError(f"load_head_weights: no path ({key} is empty).")
-    if "://" not in path and not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{key}={path!r} does not exist. Give the path of {REGIONSPOT_CHECKPOINT}."
-        )
-    local = PathManager.get_local_path(path)  # a URL is downloaded (and cached) first
-    ckpt = unwrap_state_dict(read_weights_file(local, key, REGIONSPOT_CHECKPOINT))
-    if not isinstance(ckpt, dict):
-        raise WeightsFileError(
-            f"{key}={path!r} holds a {type(ckpt).__name__}, not a state dict. {key} must be {REGIONSPOT_CHECKPOINT}.",
-            path, key,
-        )
-    held = [k for k in ckpt if isinstance(k, str)]
-    state = {k: torch.as_tensor(v) for k, v in ckpt.items() if isinstance(v, (torch.Tensor, np.ndarray))}
-    prefix = "roi_heads.fusion."
-    # A bare fusion state dict: give it our prefix.
-    state = {(prefix + k if k.startswith(FUSION_PREFIXES) else k): v for k, v in state.items()}
-    shapes = {prefix + k: v.shape for k, v in fusion.state_dict().items()}
-    try:
-        convert_regionspot_state_dict(state, shapes, prefix)
-    except ValueError as e:
-        raise WeightsFileError(f"{key}={path!r}: {e}", path, key) from e
-    fusion_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if not fusion_state:
-        raise wrong_weights_error(
-            path, key, REGIONSPOT_CHECKPOINT,
-            "holds no RegionSpot fusion weights (no 'roi_heads.fusion.*', 'model.to_clip.*', ... keys)", held,
-        )
-    missing = [k for k in fusion.state_dict() if k not in fusion_state]
-    if missing:
-        shown = ", ".join(repr(k) for k in missing[:8]) + (", ..." if len(missing) > 8 else "")
-        raise WeightsFileError(
-            f"{key}={path!r} holds only part of the RegionSpot fusion weights: {len(missing)} of the "
-            f"{len(shapes)} tensors of the fusion module are missing ({shown}); those would stay random. {key} must "
-            f"be {REGIONSPOT_CHECKPOINT}, with every tensor of the fusion module (if the file was cut or edited, use "
-            "the original).",
-            path, key,
-        )
-    fusion.load_state_dict(fusion_state, strict=True)
-    record_fusion_weights(fusion, path)
-    logger.info(f"Loaded {len(fusion_state)} RegionSpot fusion tensors from {path}.")
-    return sorted(fusion_state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +78,7 @@ def build_detector(det_cfg) -> nn.Module:
     """Build the detector of ``det_cfg``, load ``MODEL.WEIGHTS`` (empty: random, with a warning), freeze it."""
     detector = build_model(det_cfg)
     if det_cfg.MODEL.WEIGHTS:
-        RegionSpotCheckpointer(detector, config_key="MODEL.REGIONSPOT.DETECTOR.WEIGHTS").load(det_cfg.MODEL.WEIGHTS)
+        load_detector_weights(detector, det_cfg.MODEL.WEIGHTS, "MODEL.REGIONSPOT.DETECTOR.WEIGHTS")
     else:
         logger.warning(
             "MODEL.REGIONSPOT.DETECTOR.WEIGHTS is empty: the detector has RANDOM weights and its boxes "

@@ -22,7 +22,7 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from ..checkpoint import WeightsFileError, read_weights_file, unwrap_state_dict, wrong_weights_error
+from .weights import WeightsFileError, read_weights_file, unwrap_state_dict, wrong_weights_error
 from .frozen import FrozenModule, seeded
 from .sam_fast import decode_prompts_fast, use_fused_encoder_attention
 
