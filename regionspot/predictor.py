@@ -15,8 +15,9 @@ from .modeling.input_checks import (
     describe_empty_boxes,
     image_to_rgb_uint8,
 )
-from .modeling.roi_heads import single_class_softmax_message
+from .modeling.pixels import as_rgb_tensor
 from .modeling.text_embeddings import validate_class_names
+from .modeling.zero_shot_classifier import single_class_softmax_message
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +32,12 @@ class RegionSpotPredictor:
 
         predictor = RegionSpotPredictor(cfg)
         predictor.set_vocabulary(["cat", "dog", "sofa"])
-        predictor.set_image(image)            # [H, W, 3] uint8 RGB
+        predictor.set_image(image)            # [H, W, 3] uint8 RGB numpy
         out = predictor.predict(boxes)        # [N, 4] XYXY pixels
         out["classes"], out["scores"], out["masks"]
+
+    ``set_torch_image`` / ``predict_torch`` are the same on tensors (a [3, H, W] uint8 RGB image,
+    [N, 4] boxes), which stay on the model's device: no numpy round trip.
 
     The SAM view is the stock ``SamPredictor``'s and the CLIP view one bilinear resize of the
     whole image, so outputs match the authors' predictor for the same weights.
@@ -96,7 +100,7 @@ class RegionSpotPredictor:
     def _check_scores_are_informative(self, class_names: Sequence[str]) -> None:
         # The evaluation path only warns (benchmarks such as ODinW-13 have one-class datasets);
         # here each score is read on its own, and a constant 1.0 would be read as certainty.
-        if len(class_names) == 1 and self.head.class_score == "softmax":
+        if len(class_names) == 1 and self.head.classifier.class_score == "softmax":
             raise ValueError(single_class_softmax_message(class_names[0]))
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB"):
@@ -115,7 +119,26 @@ class RegionSpotPredictor:
         Raises:
             ValueError: a refused image; the previous image stays set.
         """
-        image = image_to_rgb_uint8(image, image_format)
+        self.set_torch_image(torch.from_numpy(image_to_rgb_uint8(image, image_format)).permute(2, 0, 1))
+
+    def set_torch_image(self, image: torch.Tensor):
+        """
+        :meth:`set_image` for a tensor: a [3, H, W] uint8 RGB image on any device (moved to the
+        model's once).
+
+        Raises:
+            ValueError: another shape or dtype (convert with ``image.round().clamp(0, 255).byte()``
+                for float images in 0..255); the previous image stays set.
+        """
+        if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+            what = f"{image.dtype} tensor of shape {list(image.shape)}" if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(
+                f"set_torch_image() takes a [3, H, W] uint8 RGB tensor, got a {what}; for [H, W, 3] numpy "
+                "images use set_image()."
+            )
+        if image.shape[1] == 0 or image.shape[2] == 0:
+            raise ValueError(f"set_torch_image(): the image is empty ({list(image.shape)}).")
+        image = as_rgb_tensor(image, self.head.pixel_mean.device)
         self._state, self._clip_features = self.head.encode_image(image)
 
     @torch.no_grad()
@@ -174,13 +197,38 @@ class RegionSpotPredictor:
         point_coords, point_labels = check_points(
             point_coords, point_labels, image_size, None if boxes is None else len(boxes)
         )
+        return self._recognize(boxes, point_coords, point_labels, empty, return_masks)
+
+    @torch.no_grad()
+    def predict_torch(
+        self,
+        boxes: Optional[torch.Tensor] = None,
+        point_coords: Optional[torch.Tensor] = None,
+        point_labels: Optional[torch.Tensor] = None,
+        return_masks: bool = True,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        :meth:`predict` for tensors (any device; they are used on the model's device, with the same
+        checks), e.g. boxes from a detector that ran on the GPU. Same outputs as :meth:`predict`.
+        """
+        for name, value in (("boxes", boxes), ("point_coords", point_coords), ("point_labels", point_labels)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(f"predict_torch(): {name} must be a tensor, got {type(value).__name__}; use predict().")
+        return self.predict(boxes, point_coords, point_labels, return_masks)
+
+    def _recognize(self, boxes, point_coords, point_labels, empty, return_masks: bool) -> Dict[str, torch.Tensor]:
         head = self.head
+        device = head.pixel_mean.device
         out = head.sam.decode_prompts(
-            self._state, boxes, point_coords, point_labels, with_masks=return_masks,
+            self._state,
+            None if boxes is None else boxes.to(device),
+            None if point_coords is None else point_coords.to(device),
+            None if point_labels is None else point_labels.to(device),
+            with_masks=return_masks,
             chunk_size=head.prompt_chunk_size,
         )
-        logits = head.logits(head.region_embeddings(out.tokens[None], self._clip_features)[0])
-        scores = head.class_scores(logits)
+        logits = head.classifier(head.region_embeddings(out.tokens[None], self._clip_features)[0])
+        scores = head.classifier.class_scores(logits)
         if empty is None:
             empty = torch.zeros(len(logits), dtype=torch.bool)
         result = {

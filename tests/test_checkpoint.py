@@ -23,7 +23,7 @@ def _logits(model, image):
     state, feats = head.encode_image(image)
     tokens = head.sam.decode_prompts(state, BOXES, with_masks=False).tokens
     with torch.no_grad():
-        return head.logits(head.region_embeddings(tokens[None], feats)[0])
+        return head.classifier(head.region_embeddings(tokens[None], feats)[0])
 
 
 def _released_layout(model, with_frozen):

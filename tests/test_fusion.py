@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from regionspot.modeling.fusion import RegionSpotFusion, region_text_logits
+from regionspot.modeling.fusion import RegionSpotFusion
+from regionspot.modeling.zero_shot_classifier import region_text_logits
 
 
 def released_keys():

@@ -122,10 +122,10 @@ def test_states_are_the_heads_own_encoding(model, images, num_images):
     proposals, states = model.proposal_generator.propose_with_image_states(ims)
     assert len(proposals) == len(states) == num_images
     assert all(len(p) > 1 for p in proposals)  # the comparisons of the other tests are not trivial
-    rgbs = model.roi_heads.images_to_rgb_uint8(ims)
+    rgbs = model.roi_heads.rgb_images(ims)
     head_states, _ = model.roi_heads.encode_images(rgbs)
     for state, head_state, rgb in zip(states, head_states, rgbs):
-        assert state.original_size == head_state.original_size == rgb.shape[:2]
+        assert state.original_size == head_state.original_size == tuple(rgb.shape[-2:])
         assert state.input_size == head_state.input_size
         assert torch.equal(state.embedding, head_state.embedding)
 
@@ -155,15 +155,24 @@ def test_head_refuses_states_of_other_images(model, images):
         model.roi_heads(ims, {}, proposals, None, sam_states=states[::-1])
 
 
-def test_generator_reads_the_pixels_as_the_head():
-    cfg = generator_cfg()
+@pytest.mark.parametrize("input_format", ["RGB", "BGR"])
+def test_generator_and_head_read_the_mappers_pixels(images, input_format):
+    """
+    One pixel path: the batch the generator and the head read is the mapper's uint8 image as RGB,
+    never normalised (so MODEL.PIXEL_MEAN / PIXEL_STD play no part), and a float copy of the same
+    image gives the same pixels.
+    """
+    cfg = generator_cfg("INPUT.FORMAT", input_format, "MODEL.PIXEL_MEAN", [10.0, 20.0, 30.0],
+                        "MODEL.PIXEL_STD", [2.0, 3.0, 4.0])
     torch.manual_seed(0)
-    model = build_model(cfg)
-    generator = SamAutomaticProposals(cfg)
-    generator.pixel_std = generator.pixel_std * 2
-    with pytest.raises(ValueError, match="read the pixels differently \\(pixel_std"):
-        RegionSpot(roi_heads=model.roi_heads, pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD,
-                   box_source="GENERATOR", proposal_generator=generator)
+    model = build_model(cfg).eval()
+    inputs = batched_inputs([np.ascontiguousarray(im[:, :, ::-1]) if input_format == "BGR" else im for im in images])
+    ims = model.preprocess_image(inputs)
+    assert ims.tensor.dtype == torch.uint8
+    for rgb, image in zip(model.roi_heads.rgb_images(ims), images):
+        assert torch.equal(rgb, torch.as_tensor(image).permute(2, 0, 1))
+    floats = [dict(x, image=x["image"].float()) for x in inputs]
+    assert torch.equal(model.preprocess_image(floats).tensor, ims.tensor)
 
 
 def test_default_predictor_encodes_once(images):

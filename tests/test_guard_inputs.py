@@ -24,10 +24,10 @@ VOCAB = ["cat", "dog", "astronaut", "flag"]
 @pytest.fixture
 def pred(predictor, photo):
     """The session predictor with ``photo`` set; vocabulary and policies restored afterwards."""
-    names, policy, score = predictor.class_names, predictor.empty_boxes, predictor.head.class_score
+    names, policy, score = predictor.class_names, predictor.empty_boxes, predictor.head.classifier.class_score
     predictor.set_image(photo)
     yield predictor
-    predictor.empty_boxes, predictor.head.class_score = policy, score
+    predictor.empty_boxes, predictor.head.classifier.class_score = policy, score
     if predictor.class_names != names:
         predictor.set_vocabulary(names)
 
@@ -352,7 +352,7 @@ def test_bad_vocabularies_are_refused(pred, names, pattern):
     assert pred.class_names == before
     with pytest.raises(ValueError, match=pattern.replace("The vocabulary", "The vocabulary 'train'")):
         pred.head.add_vocabulary("train", names)
-    assert "train" not in pred.head.vocabularies
+    assert "train" not in pred.head.classifier.vocabularies
 
 
 def test_integer_names_are_converted_with_a_warning(pred, caplog):
@@ -381,7 +381,7 @@ def test_one_class_softmax_warns_in_the_head_and_predict_refuses(pred, photo, ca
 
 
 def test_sigmoid_class_scores(pred):
-    pred.head.class_score = "sigmoid"
+    pred.head.classifier.class_score = "sigmoid"
     pred.set_vocabulary(["cat"])  # one class is meaningful per class
     out = pred.predict(BOXES)
     torch.testing.assert_close(out["scores"], out["logits"].sigmoid(), rtol=0, atol=0)
@@ -394,7 +394,7 @@ def test_sigmoid_class_scores(pred):
 def test_class_score_from_config():
     cfg = tiny_cfg()
     cfg.MODEL.REGIONSPOT.CLASS_SCORE = "sigmoid"  # read with a default where the key is not declared
-    assert build_model(cfg).roi_heads.class_score == "sigmoid"
+    assert build_model(cfg).roi_heads.classifier.class_score == "sigmoid"
     cfg.MODEL.REGIONSPOT.CLASS_SCORE = "softmax2"
     with pytest.raises(ValueError, match=r"CLASS_SCORE='softmax2'.*\('softmax', 'sigmoid'\)"):
         build_model(cfg)

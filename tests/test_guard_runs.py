@@ -21,7 +21,7 @@ from regionspot.data import detections_to_proposals, save_proposals
 from regionspot.data.checks import check_proposal_file, check_run_inputs
 from regionspot.data.shapes import SHAPES_CLASSES, SHAPES_SPLITS, generate_shapes_split
 from regionspot.data.user_datasets import register_coco_datasets
-from regionspot.modeling.roi_heads import vocabulary_from_config
+from regionspot.modeling.zero_shot_classifier import vocabulary_from_config
 
 NUM_IMAGES = 4
 

@@ -141,8 +141,8 @@ def authors_evaluation(model, cfg, image, boxes, box_scores, antialias=False):
     # 5. Region embeddings -> logits -> softmax.
     emb = head.fusion(tokens[None], clip_tokens)[0]
     emb = emb / (emb.norm(dim=-1, keepdim=True) + 1e-7)
-    text = head.text_embeddings / head.text_embeddings.norm(dim=-1, keepdim=True)
-    probs = (head.logit_scale * emb @ text.t()).softmax(dim=-1)
+    text = head.classifier.text_embeddings / head.classifier.text_embeddings.norm(dim=-1, keepdim=True)
+    probs = (head.classifier.logit_scale * emb @ text.t()).softmax(dim=-1)
     # 6. Top 900 of the flattened probabilities, THEN times the box score.
     C = probs.shape[1]
     top, flat = probs.flatten().topk(min(rs.TOPK, probs.numel()))
@@ -204,11 +204,11 @@ def test_eval_forward_equals_predictor_on_resized_image(photo_file):
     model = _model(cfg)
     head = model.roi_heads
     recorded = []
-    logits_fn = head.logits
-    head.logits = lambda *a, **k: recorded.append(logits_fn(*a, **k)) or recorded[-1]
+    logits_fn = head.classifier.forward
+    head.classifier.forward = lambda *a, **k: recorded.append(logits_fn(*a, **k)) or recorded[-1]
     boxes, box_scores = _boxes_and_scores(*image.shape[:2])
     inputs, ours = _ours(model, cfg, _dataset_dict(path, image, boxes, box_scores))
-    del head.logits
+    del head.classifier.forward
 
     # The image and boxes resized the same way, outside the model.
     aug_input = T.AugInput(utils.read_image(path, format="RGB"))

@@ -123,14 +123,14 @@ def run_protocol(model, cfg, record, file_record=None):
     """
     head = model.roi_heads
     recorded = []
-    logits_fn = head.logits
-    head.logits = lambda *a, **k: recorded.append(logits_fn(*a, **k)) or recorded[-1]
+    logits_fn = head.classifier.forward
+    head.classifier.forward = lambda *a, **k: recorded.append(logits_fn(*a, **k)) or recorded[-1]
     try:
         inputs = [build_regionspot_test_mapper(cfg)(record)]
         with torch.no_grad():
             inst = model.inference(inputs)[0]["instances"].to("cpu")
     finally:
-        del head.logits
+        del head.classifier.forward
     masks = inst.pred_masks if inst.has("pred_masks") else None
     # A detection is (the file's box it came from, class): its output box is matched to the file's
     # boxes by IoU (identical boxes go to the first), so protocols that scale, clip or merge boxes
@@ -237,7 +237,7 @@ def main():
                     set_vocabulary(models[key].roi_heads, cfg, args.num_classes)
                 model = models[key]
                 head = model.roi_heads
-                head.box_score_order = cfg.MODEL.REGIONSPOT.BOX_SCORE_ORDER
+                head.selector.box_score_order = cfg.MODEL.REGIONSPOT.BOX_SCORE_ORDER
                 head.mask_resize = cfg.MODEL.REGIONSPOT.PROTOCOL.MASK_RESIZE
                 start = time.perf_counter()
                 outs[proto] = run_protocol(model, cfg, merged_record(record) if proto == MERGED else record, record)

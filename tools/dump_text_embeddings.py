@@ -56,7 +56,7 @@ def resolve_vocabulary(args, cfg):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from regionspot.data.vocabularies import VOCABULARY_NAMES, get_vocabulary
-    from regionspot.modeling.roi_heads import vocabulary_from_config
+    from regionspot.modeling.zero_shot_classifier import vocabulary_from_config
 
     name = args.vocabulary
     if name is None:

@@ -34,15 +34,18 @@ import pickle
 from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
+import torch
 from detectron2.structures import BoxMode
 
 from .io import atomic_write_bytes
 
-__all__ = ["detections_to_proposals", "load_coco_detections", "save_proposals"]
+__all__ = ["detections_to_proposals", "load_coco_detections", "save_proposals", "score_logits", "SCORE_EPS"]
 
 logger = logging.getLogger(__name__)
 
-# Scores are clipped to [SCORE_EPS, 1 - SCORE_EPS] before taking the logit.
+# A probability-like score (a detector's, SAM's predicted IoU) becomes a box score logit after
+# clipping to [SCORE_EPS, 1 - SCORE_EPS]: proposal files, detector boxes and SAM's automatic
+# proposals all use this one constant.
 SCORE_EPS = 1e-6
 
 _REQUIRED_KEYS = ("image_id", "bbox", "score")
@@ -123,6 +126,11 @@ def _merge_duplicates(boxes: np.ndarray, scores: np.ndarray):
 def _score_to_logit(scores: np.ndarray) -> np.ndarray:
     p = np.clip(scores.astype(np.float64), SCORE_EPS, 1.0 - SCORE_EPS)
     return (np.log(p) - np.log1p(-p)).astype(np.float32)
+
+
+def score_logits(scores: torch.Tensor) -> torch.Tensor:
+    """[N] probability-like scores -> [N] float32 logits, clipped to [SCORE_EPS, 1 - SCORE_EPS] first."""
+    return torch.logit(scores.float().clamp(SCORE_EPS, 1 - SCORE_EPS))
 
 
 def _sorted_ids(ids: Iterable[Any]) -> List[Any]:

@@ -1,12 +1,21 @@
-"""RegionSpot's models; importing this package registers the meta-architecture and ROI head."""
+"""RegionSpot's models; importing this package registers the meta-architectures, ROI head and proposal generator."""
 from .clip_features import ClipDenseFeatures, build_clip
-from .fusion import RegionSpotFusion, region_text_logits
+from .fusion import RegionSpotFusion
+from .losses import region_focal_loss
 from .masks import SamMasks
 from .meta_arch import RegionSpot  # registers META_ARCHITECTURE "RegionSpot"
-from .roi_heads import RegionSpotROIHeads, select_detections  # registers ROI_HEADS "RegionSpotROIHeads"
+from .postprocessing import DetectionSelector, rescale_results, select_detections
+from .roi_heads import RegionSpotROIHeads  # registers ROI_HEADS "RegionSpotROIHeads"
 from .proposal_generators import SamAutomaticProposals  # registers PROPOSAL_GENERATOR "SamAutomaticProposals"
 from .relabel import RegionSpotRelabel, load_head_weights  # registers META_ARCHITECTURE "RegionSpotRelabel"
 from .sam_tokens import SamRegionTokens, build_sam
-from .text_embeddings import PROMPT_TEMPLATES, TextEmbeddingCache, clean_class_name, encode_vocabulary
+from .text_embeddings import (
+    PROMPT_TEMPLATES,
+    PromptEnsembleEncoder,
+    TextEmbeddingCache,
+    clean_class_name,
+    encode_vocabulary,
+)
+from .zero_shot_classifier import ZeroShotClassifier, region_text_logits, vocabulary_from_config
 
 __all__ = [k for k in globals() if not k.startswith("_")]

@@ -235,10 +235,14 @@ class ClipDenseFeatures(FrozenModule):
         )
         return (x - self.pixel_mean) / self.pixel_std
 
-    def image_to_tensor(self, image: np.ndarray) -> torch.Tensor:
-        """[H, W, 3] uint8 RGB -> [1, 3, H, W] float in [0, 1] on this module's device."""
-        x = torch.as_tensor(image, device=self.device).permute(2, 0, 1)[None].float()
-        return x / 255.0
+    def image_to_tensor(self, image) -> torch.Tensor:
+        """
+        [3, H, W] uint8 RGB tensor (any device) or [H, W, 3] uint8 RGB numpy -> [1, 3, H, W] float
+        in [0, 1] on this module's device.
+        """
+        if isinstance(image, np.ndarray):
+            image = torch.as_tensor(image).permute(2, 0, 1)
+        return image.to(self.device)[None].float() / 255.0
 
     @torch.no_grad()
     def dense_features(self, images: torch.Tensor, preprocessed: bool = False) -> torch.Tensor:

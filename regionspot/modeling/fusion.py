@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["RegionSpotFusion", "region_text_logits"]
+__all__ = ["RegionSpotFusion"]
 
 
 class RegionSpotFusion(nn.Module):
@@ -60,19 +60,3 @@ class RegionSpotFusion(nn.Module):
         x = self.to_clip(tokens)
         x = self.decoder(x, clip_features.to(x.dtype), tgt_key_padding_mask=padding_mask)
         return self.projector(x)
-
-
-def region_text_logits(region_embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale) -> torch.Tensor:
-    """
-    Scaled cosine similarity of regions and classes.
-
-    Args:
-        region_embeddings: [..., D_t] from :class:`RegionSpotFusion`.
-        text_embeddings: [C, D_t], rows already L2-normalised.
-        logit_scale: scalar (exp of CLIP's logit scale).
-
-    Returns:
-        [..., C] logits.
-    """
-    region = region_embeddings / (region_embeddings.norm(dim=-1, keepdim=True) + 1e-7)
-    return logit_scale * region @ text_embeddings.to(region.dtype).t()

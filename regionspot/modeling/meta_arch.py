@@ -9,14 +9,16 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.proposal_generator import build_proposal_generator
 from detectron2.modeling.roi_heads import build_roi_heads
-from detectron2.structures import ImageList, Instances, ROIMasks
+from detectron2.structures import ImageList, Instances
 
 from .weights import accept_released_checkpoints
+from .pixels import PIXEL_FORMATS, rgb_batch
+from .postprocessing import rescale_results
 from .sam_tokens import SamImageState
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RegionSpot"]
+__all__ = ["RegionSpot", "batch_vocabulary", "check_device", "rescale_results"]
 
 BOX_SOURCES = ("GT", "PROPOSALS", "GENERATOR")
 
@@ -44,24 +46,25 @@ class RegionSpot(nn.Module):
         self,
         *,
         roi_heads: nn.Module,
-        pixel_mean,
-        pixel_std,
+        input_format: str = "RGB",
         box_source: str = "GT",
         proposal_generator: Optional[nn.Module] = None,
     ):
         """
         Args:
             roi_heads: the head that recognises regions.
-            pixel_mean, pixel_std: normalisation applied to images before the head.
+            input_format: channel order of the inputs' ``image`` (``INPUT.FORMAT``). The head gets
+                the mapper's uint8 pixels as RGB on the model's device, never normalised (SAM and
+                CLIP normalise their own views); ``MODEL.PIXEL_MEAN``/``PIXEL_STD`` are not used.
             box_source: "GT", "PROPOSALS" or "GENERATOR".
             proposal_generator: the regions' source with "GENERATOR".
 
         Raises:
-            ValueError: unknown ``box_source``; "GENERATOR" without a generator; a generator sharing
-                the head's SAM that reads the pixels differently from the head (its image states
-                would be of other pixels than the head's).
+            ValueError: unknown ``input_format`` or ``box_source``; "GENERATOR" without a generator.
         """
         super().__init__()
+        if input_format not in PIXEL_FORMATS:
+            raise ValueError(f"INPUT.FORMAT={input_format!r}: RegionSpot reads RGB or BGR images.")
         if box_source not in BOX_SOURCES:
             raise ValueError(f"MODEL.REGIONSPOT.BOX_SOURCE={box_source!r}: use one of {BOX_SOURCES}.")
         self.roi_heads = roi_heads
@@ -71,11 +74,12 @@ class RegionSpot(nn.Module):
         self.proposal_generator = proposal_generator
         if hasattr(proposal_generator, "use_sam") and hasattr(roi_heads, "sam"):
             # One SAM for proposals and prompts, and the generator encodes the images with the head's
-            # own call, so the head can decode its prompts on the generator's image states.
-            _check_same_pixels(proposal_generator, roi_heads)
+            # own call, so the head can decode its prompts on the generator's image states. Both read
+            # the same uint8 RGB batch (preprocess_image), so they see the same pixels.
             proposal_generator.use_sam(roi_heads.sam)
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.input_format = input_format
+        # Where the model lives (an empty buffer moves with it).
+        self.register_buffer("_device_anchor", torch.zeros(0), False)
         # The stock DetectionCheckpointer then reads the authors' released checkpoints too.
         accept_released_checkpoints(self)
 
@@ -89,8 +93,7 @@ class RegionSpot(nn.Module):
             )
         return {
             "roi_heads": build_roi_heads(cfg, {}),
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
             "box_source": cfg.MODEL.REGIONSPOT.BOX_SOURCE,
             "proposal_generator": (
                 build_proposal_generator(cfg, None) if cfg.MODEL.REGIONSPOT.BOX_SOURCE == "GENERATOR" else None
@@ -99,11 +102,11 @@ class RegionSpot(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.pixel_mean.device
+        return self._device_anchor.device
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        return ImageList.from_tensors(images)
+        """The inputs' images as one uint8 RGB batch on the model's device (:func:`~.pixels.rgb_batch`)."""
+        return rgb_batch(batched_inputs, self.input_format, self.device)
 
     def _generated_regions(self, images: ImageList) -> Tuple[List[Instances], Optional[List[SamImageState]]]:
         """
@@ -193,7 +196,7 @@ class RegionSpot(nn.Module):
         assert not self.training
         images = self.preprocess_image(batched_inputs)
         if detected_instances is not None:
-            results = self.roi_heads.forward_with_given_boxes(images, [d.to(self.device) for d in detected_instances])
+            results = self.roi_heads.classify_given_boxes(images, [d.to(self.device) for d in detected_instances])
         elif self.box_source == "GENERATOR":
             # Proposals + the SAM image states they were decoded from -> head: SAM encodes each image once.
             proposals, sam_states = self._generated_regions(images)
@@ -213,21 +216,6 @@ class RegionSpot(nn.Module):
             }
             for r, x in zip(results, batched_inputs)
         ]
-
-
-def _check_same_pixels(proposal_generator: nn.Module, roi_heads: nn.Module) -> None:
-    # The head pairs the generator's SAM states with its own CLIP view: both must come from the same
-    # un-normalised RGB pixels (images_to_rgb_uint8 with the same mean, std and format).
-    for name in ("pixel_mean", "pixel_std", "input_format"):
-        a, b = getattr(proposal_generator, name, None), getattr(roi_heads, name, None)
-        if a is None or b is None:
-            continue
-        same = torch.equal(a.cpu(), b.cpu()) if isinstance(a, torch.Tensor) else a == b
-        if not same:
-            raise ValueError(
-                f"The proposal generator and the ROI head read the pixels differently ({name}: {a} vs {b}); "
-                "build both from the same MODEL.PIXEL_MEAN, MODEL.PIXEL_STD and INPUT.FORMAT."
-            )
 
 
 def check_device(device: str) -> None:
@@ -252,27 +240,3 @@ def batch_vocabulary(batched_inputs: List[Dict]) -> Optional[str]:
     if len(names) > 1:
         raise ValueError(f"A batch mixes images of vocabularies {sorted(map(str, names))}; batches must come from one dataset.")
     return names.pop() if names else None
-
-
-def rescale_results(instances: Instances, height: int, width: int, drop_empty: bool = False) -> Instances:
-    """
-    Results at the requested output size: boxes scaled (x by the width ratio, y by the height
-    ratio) and clipped, SAM masks brought to (height, width) as their ``SamMasks.resize`` says.
-
-    Args:
-        drop_empty: drop detections whose clipped box is empty (as ``detector_postprocess``); keep
-            False for given boxes, which must keep their order and count.
-    """
-    h, w = instances.image_size
-    out = Instances((height, width), **instances.get_fields())
-    if (h, w) != (height, width):
-        out.pred_boxes = out.pred_boxes.clone()
-        out.pred_boxes.scale(width / w, height / h)
-        out.pred_boxes.clip(out.image_size)
-    if drop_empty and out.has("pred_boxes"):
-        # All-zero boxes are the placeholders of point prompts without masks: kept.
-        placeholder = (out.pred_boxes.tensor == 0).all(dim=1)
-        out = out[out.pred_boxes.nonempty() | placeholder]
-    if out.has("pred_masks") and isinstance(out.pred_masks, ROIMasks):
-        out.pred_masks = out.pred_masks.to_bitmasks(out.pred_boxes, height, width).tensor
-    return out

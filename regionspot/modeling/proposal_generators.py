@@ -26,16 +26,15 @@ from detectron2.structures import Boxes, ImageList, Instances
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 
+from ..data.proposals import score_logits
 from .frozen import keep_out_of_checkpoints
-from .roi_heads import images_to_rgb_uint8
+from .pixels import PIXEL_FORMATS, image_hw, rgb_images
 from .sam_tokens import SamImageState, SamRegionTokens, build_sam
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SamAutomaticProposals", "amg_masks_to_proposals"]
 
-# Predicted IoUs are clamped into (EPS, 1 - EPS) before the logit.
-_EPS = 1e-4
 
 
 def amg_masks_to_proposals(
@@ -51,7 +50,8 @@ def amg_masks_to_proposals(
 
     Returns:
         Instances with ``proposal_boxes`` (XYXY = x, y, x + w, y + h) and ``objectness_logits``
-        (logit of the predicted IoU, clamped into (1e-4, 1 - 1e-4)), sorted by score.
+        (logit of the predicted IoU, clipped as every box score: ``data.proposals.score_logits``),
+        sorted by score.
     """
     iou = torch.tensor([float(r["predicted_iou"]) for r in records], dtype=torch.float32)
     xywh = torch.tensor([[float(v) for v in r["bbox"]] for r in records], dtype=torch.float32).reshape(-1, 4)
@@ -62,7 +62,7 @@ def amg_masks_to_proposals(
     xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
     out = Instances(tuple(image_size))
     out.proposal_boxes = Boxes(xyxy.to(device))
-    out.objectness_logits = torch.logit(iou.clamp(_EPS, 1 - _EPS)).to(device)
+    out.objectness_logits = score_logits(iou).to(device)
     return out
 
 
@@ -139,7 +139,7 @@ class SamAutomaticProposals(nn.Module):
         super().__init__()
         if sam is None and sam_spec is None:
             raise ValueError("SamAutomaticProposals needs a SAM or the arguments of build_sam.")
-        if input_format not in ("RGB", "BGR"):
+        if input_format not in PIXEL_FORMATS:
             raise ValueError(f"INPUT.FORMAT={input_format!r}: SamAutomaticProposals reads RGB or BGR images.")
         self.sam_spec = dict(sam_spec or {})
         self.sam = None
@@ -227,10 +227,11 @@ class SamAutomaticProposals(nn.Module):
         return self._generator
 
     @torch.no_grad()
-    def propose(self, image: np.ndarray, state: Optional[SamImageState] = None) -> Instances:
+    def propose(self, image, state: Optional[SamImageState] = None) -> Instances:
         """
         Args:
-            image: [H, W, 3] uint8 RGB.
+            image: [3, H, W] uint8 RGB tensor or [H, W, 3] uint8 RGB numpy (the stock mask generator
+                reads numpy: a tensor is copied to the CPU for it).
             state: SAM's state of this very image (``sam_encoder.encode_images`` of it), so that the
                 mask generator decodes its point grid on it; None: the mask generator encodes the
                 image itself.
@@ -241,19 +242,22 @@ class SamAutomaticProposals(nn.Module):
         Raises:
             ValueError: ``state`` was made from an image of another size.
         """
-        if state is not None and tuple(state.original_size) != tuple(image.shape[:2]):
+        size = image_hw(image)
+        if state is not None and tuple(state.original_size) != size:
             raise ValueError(
                 f"propose(): the SAM state is of a {tuple(state.original_size)} image, the image is "
-                f"{tuple(image.shape[:2])}; give the state encoded from this image."
+                f"{size}; give the state encoded from this image."
             )
         device = self.pixel_mean.device
         generator = self._mask_generator(device)
         generator.predictor.given_state = state
         try:
+            if isinstance(image, torch.Tensor):
+                image = image.permute(1, 2, 0).cpu().numpy()
             records = generator.generate(np.ascontiguousarray(image))
         finally:
             generator.predictor.given_state = None
-        return amg_masks_to_proposals(records, image.shape[:2], self.max_proposals, device)
+        return amg_masks_to_proposals(records, size, self.max_proposals, device)
 
     @torch.no_grad()
     def propose_with_image_states(self, images: ImageList) -> Tuple[List[Instances], List[SamImageState]]:
@@ -266,12 +270,13 @@ class SamAutomaticProposals(nn.Module):
         encoding the images again.
 
         Args:
-            images: the batch's pixels (normalised with ``pixel_mean``/``pixel_std``).
+            images: the batch's pixels: uint8 RGB, or a detector's float batch normalised with
+                ``pixel_mean``/``pixel_std`` (see :func:`regionspot.modeling.pixels.rgb_images`).
 
         Returns:
             per image, Instances as :meth:`propose`; and per image, its :class:`SamImageState`.
         """
-        rgbs = images_to_rgb_uint8(images, self.pixel_mean, self.pixel_std, self.input_format)
+        rgbs = rgb_images(images, self.pixel_mean, self.pixel_std, self.input_format)
         if not rgbs:
             return [], []
         self._mask_generator(self.pixel_mean.device)  # builds SAM (and its encoder) when not given one
@@ -286,7 +291,8 @@ class SamAutomaticProposals(nn.Module):
     ) -> Tuple[List[Instances], Dict[str, torch.Tensor]]:
         """
         Args:
-            images: the batch's pixels (normalised with ``pixel_mean``/``pixel_std``).
+            images: the batch's pixels: uint8 RGB, or a detector's float batch normalised with
+                ``pixel_mean``/``pixel_std`` (see :func:`regionspot.modeling.pixels.rgb_images`).
             features, gt_instances: unused.
 
         Returns:

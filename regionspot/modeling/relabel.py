@@ -24,8 +24,11 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import Boxes, ImageList, Instances
 
+from ..data.proposals import score_logits
 from .frozen import keep_out_of_checkpoints
-from .meta_arch import batch_vocabulary, check_device, rescale_results
+from .meta_arch import batch_vocabulary, check_device
+from .pixels import PIXEL_FORMATS, rgb_batch
+from .postprocessing import rescale_results
 from .weights import accept_released_checkpoints, load_detector_weights, load_head_weights
 
 logger = logging.getLogger(__name__)
@@ -33,8 +36,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["RegionSpotRelabel", "build_detector", "load_detector_config", "load_head_weights"]
 
 MODEL_ZOO_PREFIX = "model_zoo:"
-# Detector scores are clamped into (EPS, 1 - EPS) before their logit becomes the box score.
-_EPS = 1e-6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,8 +121,6 @@ class RegionSpotRelabel(nn.Module):
         *,
         detector: nn.Module,
         roi_heads: nn.Module,
-        pixel_mean,
-        pixel_std,
         input_format: str = "RGB",
         detector_input_format: str = "BGR",
         detector_min_size: int = 800,
@@ -134,8 +133,8 @@ class RegionSpotRelabel(nn.Module):
             detector: a detectron2 model whose eval forward takes ``[{"image", "height", "width"}]``
                 and returns ``[{"instances": ...}]`` or ``[{"proposals": ...}]``.
             roi_heads: the RegionSpot head.
-            pixel_mean, pixel_std, input_format: normalisation and channel order of the inputs (for
-                the head), as ``MODEL.PIXEL_MEAN``/``PIXEL_STD``/``INPUT.FORMAT``.
+            input_format: channel order of the inputs (``INPUT.FORMAT``); the head gets their uint8
+                pixels as RGB on the model's device (:func:`~.pixels.rgb_batch`), never normalised.
             detector_input_format, detector_min_size, detector_max_size: what the detector reads
                 (its config's ``INPUT.FORMAT``, ``INPUT.MIN_SIZE_TEST``, ``INPUT.MAX_SIZE_TEST``).
             per_region: one result per detector box, in order (else the head's top-k scoring).
@@ -143,7 +142,7 @@ class RegionSpotRelabel(nn.Module):
         """
         super().__init__()
         for fmt, key in ((input_format, "INPUT.FORMAT"), (detector_input_format, "the detector's INPUT.FORMAT")):
-            if fmt not in ("RGB", "BGR"):
+            if fmt not in PIXEL_FORMATS:
                 raise ValueError(f"{key}={fmt!r}: RegionSpotRelabel handles RGB and BGR images.")
         self.detector = detector
         for p in self.detector.parameters():
@@ -155,8 +154,8 @@ class RegionSpotRelabel(nn.Module):
         self.detector_resize = T.ResizeShortestEdge([detector_min_size, detector_min_size], detector_max_size)
         self.per_region = per_region
         self.use_box_scores = use_box_scores
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+        # Where the model lives (an empty buffer moves with it).
+        self.register_buffer("_device_anchor", torch.zeros(0), False)
         accept_released_checkpoints(self)
         # The detector comes from DETECTOR.WEIGHTS: never saved with the model, never "missing".
         keep_out_of_checkpoints(self, "detector")
@@ -172,8 +171,6 @@ class RegionSpotRelabel(nn.Module):
         return {
             "detector": build_detector(det_cfg),
             "roi_heads": roi_heads,
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
             "detector_input_format": det_cfg.INPUT.FORMAT,
             "detector_min_size": det_cfg.INPUT.MIN_SIZE_TEST,
@@ -184,7 +181,7 @@ class RegionSpotRelabel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.pixel_mean.device
+        return self._device_anchor.device
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -192,8 +189,8 @@ class RegionSpotRelabel(nn.Module):
         return self
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        return ImageList.from_tensors(images)
+        """The inputs' images as one uint8 RGB batch on the model's device (:func:`~.pixels.rgb_batch`)."""
+        return rgb_batch(batched_inputs, self.input_format, self.device)
 
     # -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -220,7 +217,7 @@ class RegionSpotRelabel(nn.Module):
         if "instances" in out:
             det = out["instances"]
             boxes, scores = det.pred_boxes, det.scores if det.has("scores") else None
-            logits = None if scores is None else torch.logit(scores.float().clamp(_EPS, 1 - _EPS))
+            logits = None if scores is None else score_logits(scores)
         elif "proposals" in out:
             det = out["proposals"]
             boxes = det.proposal_boxes
@@ -272,7 +269,7 @@ class RegionSpotRelabel(nn.Module):
         assert not self.training
         images = self.preprocess_image(batched_inputs)
         if detected_instances is not None:
-            results = self.roi_heads.forward_with_given_boxes(images, [d.to(self.device) for d in detected_instances])
+            results = self.roi_heads.classify_given_boxes(images, [d.to(self.device) for d in detected_instances])
         else:
             regions = [self.detect(x["image"]) for x in batched_inputs]
             if self.per_region:
@@ -292,7 +289,7 @@ class RegionSpotRelabel(nn.Module):
             g = Instances(r.image_size)
             g.pred_boxes = r.proposal_boxes
             given.append(g)
-        results = self.roi_heads.forward_with_given_boxes(images, given)
+        results = self.roi_heads.classify_given_boxes(images, given)
         if self.use_box_scores:
             for res, r in zip(results, regions):
                 if r.has("objectness_logits"):

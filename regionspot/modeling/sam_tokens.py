@@ -178,8 +178,9 @@ class SamRegionTokens(FrozenModule):
     Frozen SAM turning region prompts into position-aware tokens and masks.
 
     Preprocessing is the stock ``SamPredictor``'s: longest side resized to the encoder's input
-    size (``ResizeLongestSide`` on the uint8 image), SAM's pixel normalisation and padding; box
-    prompts are mapped with ``ResizeLongestSide.apply_boxes`` on float64 numpy.
+    size (``ResizeLongestSide`` on the uint8 image, :meth:`resize_image`), SAM's pixel normalisation
+    and padding; box and point prompts are mapped into that frame as ``ResizeLongestSide.apply_boxes``
+    does (float64), as tensors on the device.
     """
 
     def __init__(self, sam: Sam, fast: bool = True):
@@ -215,33 +216,47 @@ class SamRegionTokens(FrozenModule):
         self._captured = hs[:, 1, :]
 
     @torch.no_grad()
-    def encode_image(self, image: np.ndarray) -> SamImageState:
+    def encode_image(self, image) -> SamImageState:
         """
         Args:
-            image: [H, W, 3] uint8 RGB.
+            image: [3, H, W] uint8 RGB tensor (any device) or [H, W, 3] uint8 RGB numpy.
 
         Returns:
             SamImageState with the [1, C, g, g] embedding.
         """
         return self.encode_images([image])[0]
 
-    @torch.no_grad()
-    def encode_images(self, images: Sequence[np.ndarray]) -> List[SamImageState]:
+    def resize_image(self, image) -> torch.Tensor:
         """
-        Run the image encoder once on a batch of images (each resized, normalised and padded to
-        SAM's square input as by :meth:`encode_image`).
+        SAM's view of one image: ``ResizeLongestSide.apply_image`` (a PIL resize of the uint8 image,
+        as the stock ``SamPredictor.set_image``; a torch resize would differ), as a [3, h, w] uint8
+        tensor on this module's device. This is the one step of the pixel path that runs on the CPU.
 
         Args:
-            images: [H_i, W_i, 3] uint8 RGB images.
+            image: [3, H, W] uint8 RGB tensor (any device) or [H, W, 3] uint8 RGB numpy.
+        """
+        if isinstance(image, torch.Tensor):
+            image = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
+        resized = self.transform.apply_image(image)
+        return torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence) -> List[SamImageState]:
+        """
+        Run the image encoder once on a batch of images (each resized, normalised and padded to
+        SAM's square input as the stock ``SamPredictor`` does, see :meth:`resize_image`).
+
+        Args:
+            images: [3, H_i, W_i] uint8 RGB tensors (any device) or [H_i, W_i, 3] uint8 RGB numpy.
 
         Returns:
             one SamImageState per image.
         """
         batch, sizes = [], []
         for image in images:
-            resized = self.transform.apply_image(image)
-            x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
-            sizes.append((tuple(image.shape[:2]), tuple(x.shape[-2:])))
+            x = self.resize_image(image)
+            original_size = tuple(image.shape[-2:]) if isinstance(image, torch.Tensor) else tuple(image.shape[:2])
+            sizes.append((tuple(int(s) for s in original_size), tuple(x.shape[-2:])))
             batch.append(self.sam.preprocess(x[None].float()))
         with self.autocast():
             embeddings = self.sam.image_encoder(torch.cat(batch)).float()
@@ -250,18 +265,27 @@ class SamRegionTokens(FrozenModule):
             for i, (original_size, input_size) in enumerate(sizes)
         ]
 
+    def _to_sam_frame(self, coords: torch.Tensor, original_size: Tuple[int, int]) -> torch.Tensor:
+        """
+        [..., 2] XY pixels of the original image -> SAM's input frame, as
+        ``ResizeLongestSide.apply_coords`` computes it (float64, then float32), on the device.
+        """
+        old_h, old_w = original_size
+        new_h, new_w = ResizeLongestSide.get_preprocess_shape(old_h, old_w, self.transform.target_length)
+        c = coords.to(device=self.device, dtype=torch.float64).clone()
+        c[..., 0] = c[..., 0] * (new_w / old_w)
+        c[..., 1] = c[..., 1] * (new_h / old_h)
+        return c.to(torch.float32)
+
     def _prompts_to_sam_frame(self, state: SamImageState, boxes, points, point_labels):
         sam_boxes = sam_points = None
         if boxes is not None:
-            b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-            b = self.transform.apply_boxes(b, state.original_size)
-            sam_boxes = torch.as_tensor(b, dtype=torch.float32, device=self.device)
+            b = torch.as_tensor(boxes).reshape(-1, 2, 2)
+            sam_boxes = self._to_sam_frame(b, state.original_size).reshape(-1, 4)
         if points is not None:
-            p = np.asarray(points, dtype=np.float64)
-            p = self.transform.apply_coords(p, state.original_size)
             sam_points = (
-                torch.as_tensor(p, dtype=torch.float32, device=self.device),
-                torch.as_tensor(np.asarray(point_labels), dtype=torch.int64, device=self.device),
+                self._to_sam_frame(torch.as_tensor(points), state.original_size),
+                torch.as_tensor(point_labels).to(device=self.device, dtype=torch.int64),
             )
         return sam_boxes, sam_points
 
@@ -280,7 +304,9 @@ class SamRegionTokens(FrozenModule):
 
         Args:
             state: from :meth:`encode_image`.
-            boxes: [N, 4] XYXY boxes in pixels of the encoded image (array or tensor), or None.
+            boxes: [N, 4] XYXY boxes in pixels of the encoded image (a tensor, on any device, or an
+                array), or None; mapped into SAM's frame in float64 on the device, as the stock
+                ``SamPredictor`` does in numpy.
             points: [N, P, 2] XY point prompts in pixels, or None; with ``point_labels`` [N, P]
                 (1 foreground, 0 background). Boxes and points may be given together.
             with_masks: keep the [N, 1, 4g, 4g] low-resolution mask logits.
@@ -289,12 +315,6 @@ class SamRegionTokens(FrozenModule):
         Returns:
             SamPromptOutput.
         """
-        if isinstance(boxes, torch.Tensor):
-            boxes = boxes.detach().cpu().double().numpy()
-        if isinstance(points, torch.Tensor):
-            points = points.detach().cpu().double().numpy()
-        if isinstance(point_labels, torch.Tensor):
-            point_labels = point_labels.detach().cpu().numpy()
         n = len(boxes) if boxes is not None else (len(points) if points is not None else 0)
         sam_boxes, sam_points = self._prompts_to_sam_frame(state, boxes, points, point_labels)
         dim = self.token_dim

@@ -24,6 +24,7 @@ __all__ = [
     "prompt_text_key",
     "validate_class_names",
     "TextEmbeddingCache",
+    "PromptEnsembleEncoder",
     "encode_vocabulary",
     "default_cache_dir",
 ]
@@ -306,3 +307,32 @@ class TextEmbeddingCache:
         os.replace(tmp, path)
         logger.info(f"Cached {len(class_names)} class embeddings in {path}")
         return emb
+
+
+class PromptEnsembleEncoder:
+    """
+    Class names -> [C, D_t] L2-normalised embeddings: CLIP's text tower over the prompt-template
+    ensemble (:func:`encode_vocabulary`), through the on-disk :class:`TextEmbeddingCache`. The
+    default ``text_encoder`` of :class:`~regionspot.modeling.zero_shot_classifier.ZeroShotClassifier`.
+
+    Args:
+        clip_features: the frozen :class:`~regionspot.modeling.clip_features.ClipDenseFeatures`.
+        cache: the embedding cache (default: one in :func:`default_cache_dir`).
+        templates: prompt templates, ``{}`` standing for the name.
+        batch_size: sentences per text-tower forward (``MODEL.REGIONSPOT.TEXT_BATCH_SIZE``).
+    """
+
+    def __init__(
+        self,
+        clip_features,
+        cache: Optional[TextEmbeddingCache] = None,
+        templates: Sequence[str] = PROMPT_TEMPLATES,
+        batch_size: int = 256,
+    ):
+        self.clip_features = clip_features
+        self.cache = cache or TextEmbeddingCache()
+        self.templates = tuple(templates)
+        self.batch_size = int(batch_size)
+
+    def __call__(self, class_names: Sequence[str]) -> torch.Tensor:
+        return self.cache.get(self.clip_features, class_names, self.templates, self.batch_size)
