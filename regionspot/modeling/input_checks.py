@@ -50,6 +50,7 @@ __all__ = [
     "check_text_embeddings",
     "describe_empty_boxes",
     "image_to_rgb_uint8",
+    "check_region_prompts",
 ]
 
 # What happens to a box that is empty once clipped to the image, where the caller decides.
@@ -144,6 +145,50 @@ def check_boxes(boxes, image_size: Tuple[int, int], name: str = "boxes") -> Tupl
     # As detectron2's Boxes.clip() followed by nonempty(): what the evaluation path drops.
     empty = (x1 <= x0) | (y1 <= y0)
     return b, empty
+
+
+def check_region_prompts(
+    regions, image_size: Tuple[int, int], where: str = "", box_field: str = "proposal_boxes"
+) -> Optional[torch.Tensor]:
+    """
+    Check the prompts of one image before anything is computed with them.
+
+    Refused (``ValueError`` naming the field, the image and the rows): NaN/inf or inverted
+    boxes (:func:`~regionspot.modeling.input_checks.check_boxes`), bad point prompts
+    (:func:`~regionspot.modeling.input_checks.check_points`: shapes, labels outside
+    {-1, 0, 1}, points outside the image, ...), NaN ``objectness_logits`` (±inf is fine: its
+    sigmoid is exactly 1 or 0). Boxes that are empty once clipped to the image are not refused:
+    their mask is returned, and each caller decides (see ``RegionSpotROIHeads.recognize``).
+
+    Args:
+        regions: detectron2 ``Instances`` with ``proposal_boxes`` and optional ``objectness_logits``, ``point_coords``,
+            ``point_labels``.
+        image_size: (H, W) of the image the prompts refer to.
+        where: appended to the field names in messages, e.g. "of image 2 of the batch".
+        box_field: how the boxes are called in messages.
+
+    Returns:
+        [N] bool, True where a box is empty once clipped to the image; None without boxes.
+    """
+    suffix = f" {where}" if where else ""
+    empty = None
+    num_boxes = None
+    if regions.has("proposal_boxes"):
+        boxes = regions.proposal_boxes.tensor
+        _, empty = check_boxes(boxes, image_size, f"{box_field}{suffix}")
+        num_boxes = len(boxes)
+    points = regions.point_coords if regions.has("point_coords") else None
+    labels = regions.point_labels if regions.has("point_labels") else None
+    check_points(points, labels, image_size, num_boxes, f"point_coords{suffix}")
+    if regions.has("objectness_logits"):
+        nan = torch.isnan(regions.objectness_logits)
+        if bool(nan.any()):
+            rows = nan.nonzero().flatten().tolist()
+            raise ValueError(
+                f"objectness_logits{suffix} are NaN at rows {rows[:10]}: a box score must be a number "
+                "(a proposal file's scores are probabilities p, stored as logit(p)); fix or drop those rows."
+            )
+    return empty
 
 
 def describe_empty_boxes(boxes: torch.Tensor, empty: torch.Tensor, image_size: Tuple[int, int], name: str) -> str:

@@ -30,7 +30,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from .clip_features import ClipDenseFeatures, build_clip
 from .frozen import keep_out_of_checkpoints
 from .fusion import RegionSpotFusion
-from .input_checks import check_boxes, check_points, describe_empty_boxes
+from .input_checks import check_boxes, check_region_prompts, describe_empty_boxes
 from .losses import region_focal_loss
 from .masks import MASK_RESIZE_MODES, SamMasks
 from .pixels import PIXEL_FORMATS, as_rgb_tensor, image_hw, rgb_images
@@ -357,45 +357,8 @@ class RegionSpotROIHeads(nn.Module):
     def check_regions(
         self, regions: Instances, image_size: Tuple[int, int], where: str = "", box_field: str = "proposal_boxes"
     ) -> Optional[torch.Tensor]:
-        """
-        Check the prompts of one image before anything is computed with them.
-
-        Refused (``ValueError`` naming the field, the image and the rows): NaN/inf or inverted
-        boxes (:func:`~regionspot.modeling.input_checks.check_boxes`), bad point prompts
-        (:func:`~regionspot.modeling.input_checks.check_points`: shapes, labels outside
-        {-1, 0, 1}, points outside the image, ...), NaN ``objectness_logits`` (±inf is fine: its
-        sigmoid is exactly 1 or 0). Boxes that are empty once clipped to the image are not refused:
-        their mask is returned, and each caller decides (see :meth:`recognize`).
-
-        Args:
-            regions: ``proposal_boxes`` and optional ``objectness_logits``, ``point_coords``,
-                ``point_labels``.
-            image_size: (H, W) of the image the prompts refer to.
-            where: appended to the field names in messages, e.g. "of image 2 of the batch".
-            box_field: how the boxes are called in messages.
-
-        Returns:
-            [N] bool, True where a box is empty once clipped to the image; None without boxes.
-        """
-        suffix = f" {where}" if where else ""
-        empty = None
-        num_boxes = None
-        if regions.has("proposal_boxes"):
-            boxes = regions.proposal_boxes.tensor
-            _, empty = check_boxes(boxes, image_size, f"{box_field}{suffix}")
-            num_boxes = len(boxes)
-        points = regions.point_coords if regions.has("point_coords") else None
-        labels = regions.point_labels if regions.has("point_labels") else None
-        check_points(points, labels, image_size, num_boxes, f"point_coords{suffix}")
-        if regions.has("objectness_logits"):
-            nan = torch.isnan(regions.objectness_logits)
-            if bool(nan.any()):
-                rows = nan.nonzero().flatten().tolist()
-                raise ValueError(
-                    f"objectness_logits{suffix} are NaN at rows {rows[:10]}: a box score must be a number "
-                    "(a proposal file's scores are probabilities p, stored as logit(p)); fix or drop those rows."
-                )
-        return empty
+        """The prompts of one image, checked before anything is computed (see :func:`check_region_prompts`)."""
+        return check_region_prompts(regions, image_size, where, box_field)
 
     @torch.no_grad()
     def recognize(
