@@ -1,26 +1,38 @@
 #!/usr/bin/env python
 """
 RegionSpot demo: recognise the regions of images with an open vocabulary, in the manner of
-detectron2's ``demo/demo.py``.
+detectron2's ``demo/demo.py``. A thin command line around the model: it builds the config, the model
+and its checkpointer, feeds each image to ``model(...)``, draws the results with detectron2's
+``Visualizer`` and writes them out. Where the regions come from is the model's business:
 
-RegionSpot classifies given regions; it does not find them. The boxes come either from a JSON file::
+* ``--boxes boxes.json``: your boxes, as the precomputed proposals of the ``RegionSpot``
+  meta-architecture (``BOX_SOURCE PROPOSALS``; the 5th number of a box is its score)::
 
     python demo/demo.py --config-file configs/Base-RegionSpot-BB.yaml --input photos/ \\
-        --boxes boxes.json --vocabulary lvis --output out/ \\
-        --opts MODEL.WEIGHTS weights/regionspot_bb.pth
+        --boxes boxes.json --vocabulary lvis --output out/ --opts MODEL.WEIGHTS weights/regionspot_bb.pth
 
-(``boxes.json``: ``{"img1.jpg": [[x1, y1, x2, y2], [x1, y1, x2, y2, score], ...], ...}``, keyed by the
-image's file name, XYXY pixels of the image as read, with EXIF orientation applied) or from a stock
-detectron2 detector whose detections become the prompts::
+  (``boxes.json``: ``{"img1.jpg": [[x1, y1, x2, y2], [x1, y1, x2, y2, score], ...], ...}``, keyed by
+  the image's file name, XYXY pixels of the image as read, with EXIF orientation applied, scores in
+  [0, 1]);
+* ``--detector-config``: a stock detectron2 detector's boxes, re-labelled by the ``RegionSpotRelabel``
+  meta-architecture (``MODEL.REGIONSPOT.DETECTOR.CONFIG``: a YAML path or ``model_zoo:<name>``, as in
+  the configs)::
 
     python demo/demo.py --input photo.jpg --output out/ --vocabulary coco \\
-        --detector-config COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml
+        --detector-config model_zoo:COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml
 
-(a model-zoo name loads that model's checkpoint unless ``--detector-weights`` says otherwise).
+  (a ``model_zoo:`` name loads that model's checkpoint, a YAML file its ``MODEL.WEIGHTS``, unless
+  ``--detector-weights`` says otherwise; ``""`` gives random weights, for tests);
+* neither: a config whose model finds the regions itself, e.g. SAM's automatic mask generator
+  (``BOX_SOURCE GENERATOR``) or a ``RegionSpotRelabel`` / ``GeneralizedRCNN`` recipe of
+  ``projects/RegionSpot/configs/``.
 
-Each region keeps its best class; its score is the class probability (softmax over the vocabulary)
-times the box's own score (the detector's score or the 5th JSON number; 1 without one). Regions below
-``--confidence-threshold`` are dropped. Written to ``--output``:
+Each region keeps its best class (``MODEL.REGIONSPOT.SCORING per_region``); its score is the class
+probability (softmax over the vocabulary) times the box's own score (``USE_BOX_SCORES``: the JSON's
+5th number, the detector's score, SAM's predicted IoU; 1 without one). Regions below
+``--confidence-threshold`` are dropped. Images are given to the model as its test loader would
+(``INPUT.FORMAT``, resized as ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` say), and the results come
+back at the image's size. Written to ``--output``:
 
 * ``<image file name>``: the image with boxes, "name score" labels and SAM masks (``Visualizer``);
 * ``results.json``: COCO-style results, one entry per kept region: ``image_id`` (0-based index of the
@@ -36,8 +48,8 @@ which no image can be read is always an error. 16-bit images are read as ``value
 may not be a folder that holds an input image (nor an input file itself): the visualisations are
 named after the inputs and would overwrite them.
 
-The default config (``configs/Quickstart/RegionSpot-tiny_shapes.yaml``) uses tiny SAM/CLIP with random stand-in
-weights: it runs anywhere but recognises nothing real. See the README for the released weights.
+The default config (``configs/Quickstart/RegionSpot-tiny_shapes.yaml``) uses tiny SAM/CLIP with random
+stand-in weights: it runs anywhere but recognises nothing real. See the README for the released weights.
 """
 import argparse
 import glob
@@ -57,6 +69,8 @@ VOCABULARY_CHOICES = ("lvis", "coco", "objects365", "custom")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # Extensions OpenCV writes: other inputs get their visualisation as <file name>.png.
 _WRITABLE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# What DETECTOR.CONFIG calls a config shipped with detectron2.
+MODEL_ZOO_PREFIX = "model_zoo:"
 
 logger = logging.getLogger("regionspot.demo")
 
@@ -67,7 +81,8 @@ class UsageError(ValueError):
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="RegionSpot: open-vocabulary recognition of given regions (boxes from a JSON file or a detector).",
+        description="RegionSpot: open-vocabulary recognition of regions (boxes from a JSON file, a detector, "
+        "or the config's own region source).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
@@ -87,20 +102,24 @@ def get_parser() -> argparse.ArgumentParser:
         help="JSON: image file name -> list of [x1, y1, x2, y2] or [x1, y1, x2, y2, score] (pixels)",
     )
     p.add_argument(
-        "--detector-config", default=None, metavar="FILE",
-        help="detectron2 detector config (file or model-zoo name) whose detections are the prompts",
+        "--detector-config", default=None, metavar="CONFIG",
+        help="detectron2 detector whose boxes are re-labelled (MODEL.REGIONSPOT.DETECTOR.CONFIG): a YAML path "
+        "or model_zoo:<name>, e.g. model_zoo:COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml",
     )
     p.add_argument(
         "--detector-weights", default=None, metavar="FILE",
-        help="detector checkpoint (default: the model zoo's for a zoo name, else the config's MODEL.WEIGHTS); "
-        "\"\" = random weights (tests only)",
+        help="detector checkpoint (MODEL.REGIONSPOT.DETECTOR.WEIGHTS; default: the model zoo's for a model_zoo: "
+        "name, else the detector config's MODEL.WEIGHTS); \"\" = random weights (tests only)",
     )
-    p.add_argument("--detector-opts", nargs="*", default=[], metavar="KEY VALUE", help="detector config overrides")
+    p.add_argument(
+        "--detector-opts", nargs="*", default=[], metavar="KEY VALUE",
+        help="detector config overrides (MODEL.REGIONSPOT.DETECTOR.OPTS)",
+    )
     p.add_argument(
         "--confidence-threshold", type=float, default=0.3,
         help="minimum region score: class probability x box score (default: %(default)s)",
     )
-    p.add_argument("--no-masks", action="store_true", help="neither draw nor save SAM masks (faster)")
+    p.add_argument("--no-masks", action="store_true", help="neither compute, draw nor save SAM masks (faster)")
     p.add_argument(
         "--strict", action="store_true",
         help="stop at the first unreadable image (default: skip it with a warning and go on)",
@@ -154,7 +173,10 @@ def _parse_box(key, i, box):
     x1, y1, x2, y2 = values[:4]
     if x2 < x1 or y2 < y1:
         raise UsageError(f"{where}: x2 < x1 or y2 < y1 in {box!r}; boxes are XYXY, not XYWH.")
-    return values[:4], values[4] if len(values) == 5 else 1.0
+    score = values[4] if len(values) == 5 else 1.0
+    if not 0.0 <= score <= 1.0:
+        raise UsageError(f"{where}: score {score!r} is not in [0, 1] (box {box!r}).")
+    return values[:4], score
 
 
 def load_boxes_json(path):
@@ -281,136 +303,196 @@ def _output_name(path, used):
 
 
 # ---------------------------------------------------------------------------------------------
-# Models
-def setup_cfg(args, vocabulary):
+# Config and model
+def _detector_weights(config: str) -> str:
+    """Default DETECTOR.WEIGHTS: the model zoo's checkpoint of a ``model_zoo:`` name, else the config's MODEL.WEIGHTS."""
+    from detectron2 import model_zoo
+    from detectron2.config import get_cfg
+
+    if config.startswith(MODEL_ZOO_PREFIX):
+        return model_zoo.get_checkpoint_url(config[len(MODEL_ZOO_PREFIX):])
+    det_cfg = get_cfg()
+    det_cfg.merge_from_file(config)
+    return det_cfg.MODEL.WEIGHTS
+
+
+def _check_detector_config(config: str) -> None:
+    """A ``--detector-config`` that is neither a file nor ``model_zoo:<name>`` fails before anything is built."""
+    from detectron2 import model_zoo
+
+    if config.startswith(MODEL_ZOO_PREFIX) or os.path.isfile(config):
+        return
+    try:
+        model_zoo.get_config_file(config)
+    except RuntimeError:
+        raise UsageError(
+            f"--detector-config {config!r}: no such file. Give a detectron2 YAML config or "
+            f"{MODEL_ZOO_PREFIX}<name of a model-zoo config> (e.g. {MODEL_ZOO_PREFIX}COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml)."
+        ) from None
+    raise UsageError(
+        f"--detector-config {config!r} is a detectron2 model-zoo name: write {MODEL_ZOO_PREFIX}{config} "
+        "(the MODEL.REGIONSPOT.DETECTOR.CONFIG convention)."
+    )
+
+
+def setup_cfg(args, class_names):
+    """
+    The RegionSpot config of the run: ``--config-file``, the region source of the command line,
+    per-region scoring, then ``--opts``; vocabulary and device from the command line.
+    """
     from regionspot.config import get_regionspot_cfg
 
     try:
-        cfg = get_regionspot_cfg(args.config_file, args.opts)
+        cfg = get_regionspot_cfg(args.config_file)
     except FileNotFoundError as e:
-        raise UsageError(str(e))
+        raise UsageError(str(e)) from None
+    rs = cfg.MODEL.REGIONSPOT
+    if args.detector_config:
+        _check_detector_config(args.detector_config)
+        if len(args.detector_opts) % 2:
+            raise UsageError(f"--detector-opts needs KEY VALUE pairs, got {args.detector_opts}.")
+        cfg.MODEL.META_ARCHITECTURE = "RegionSpotRelabel"
+        rs.DETECTOR.CONFIG = args.detector_config
+        rs.DETECTOR.WEIGHTS = (
+            args.detector_weights if args.detector_weights is not None else _detector_weights(args.detector_config)
+        )
+        rs.DETECTOR.OPTS = list(args.detector_opts)
+    if args.boxes:
+        # The JSON's boxes are handed to the model as precomputed proposals (with their scores).
+        rs.BOX_SOURCE = "PROPOSALS"
+        cfg.MODEL.LOAD_PROPOSALS = True
+    # One result per region, its best class x the box's score; every region above the threshold.
+    rs.SCORING = "per_region"
+    rs.USE_BOX_SCORES = True
+    rs.MASK_ON = not args.no_masks
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
+    cfg.TEST.DETECTIONS_PER_IMAGE = 0
+    try:
+        cfg.merge_from_list(list(args.opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise UsageError(f"--opts {' '.join(args.opts)}: {e}") from None
+    # The model is built with the demo's vocabulary directly (no encoding of the config's dataset).
+    rs.VOCABULARY = "custom"
+    rs.CUSTOM_VOCABULARY = list(class_names)
     if args.cpu:
         cfg.MODEL.DEVICE = "cpu"
-    # The model is built with the demo's vocabulary directly (no encoding of the config's dataset).
-    cfg.MODEL.REGIONSPOT.VOCABULARY = "custom"
-    cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY = list(vocabulary)
     cfg.freeze()
     return cfg
 
 
-def build_detector(args, device):
-    """A ``DefaultPredictor`` of a stock detectron2 detector (its boxes become the prompts)."""
-    from detectron2 import model_zoo
-    from detectron2.config import get_cfg
-    from detectron2.engine import DefaultPredictor
-
-    config_path, zoo_name = args.detector_config, None
-    if not os.path.isfile(config_path):
-        try:
-            config_path = model_zoo.get_config_file(args.detector_config)
-        except RuntimeError:
-            raise UsageError(
-                f"--detector-config {args.detector_config!r}: no such file, and not a detectron2 model-zoo "
-                "config (e.g. COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml)."
-            ) from None
-        zoo_name = args.detector_config
-    cfg = get_cfg()
-    cfg.merge_from_file(config_path)
-    if args.detector_weights is not None:
-        cfg.MODEL.WEIGHTS = args.detector_weights
-    elif zoo_name is not None:
-        cfg.MODEL.WEIGHTS = model_zoo.get_checkpoint_url(zoo_name)
-    cfg.MODEL.DEVICE = device
-    if len(args.detector_opts) % 2:
-        raise UsageError(f"--detector-opts needs KEY VALUE pairs, got {args.detector_opts}.")
-    cfg.merge_from_list(list(args.detector_opts))
-    cfg.freeze()
-    if not cfg.MODEL.WEIGHTS:
-        logger.warning("The detector has RANDOM weights (empty MODEL.WEIGHTS): its boxes are meaningless (tests only).")
-    logger.info(f"Boxes: detections of {config_path} (weights: {cfg.MODEL.WEIGHTS or 'random'}, device {cfg.MODEL.DEVICE})")
-    return DefaultPredictor(cfg)
-
-
-def detect_boxes(detector, image_rgb):
-    """[N, 4] XYXY boxes and [N] scores of the detector (class labels are ignored)."""
-    # DefaultPredictor takes BGR (OpenCV's order) and converts to its INPUT.FORMAT itself.
-    instances = detector(image_rgb[:, :, ::-1])["instances"].to("cpu")
-    return instances.pred_boxes.tensor.numpy().tolist(), instances.scores.numpy().tolist()
-
-
-# ---------------------------------------------------------------------------------------------
-def recognise(predictor, image, boxes, box_scores, threshold, with_masks):
+def region_source(cfg, args) -> str:
     """
-    Best class of each region, kept where class probability x box score >= ``threshold``,
-    sorted by descending score.
+    Where the regions come from: "boxes" (the JSON), "detector" (RegionSpotRelabel), "generator"
+    (BOX_SOURCE GENERATOR) or "model" (another meta-architecture that finds them, e.g. GeneralizedRCNN).
 
-    Returns:
-        dict of numpy arrays: boxes [K, 4], classes [K], scores [K], masks [K, H, W] (or None).
+    Raises:
+        UsageError: the command line and the config give no regions, or ``--boxes`` with a model that
+            finds its own.
+    """
+    meta = cfg.MODEL.META_ARCHITECTURE
+    if args.boxes:
+        if meta != "RegionSpot":
+            raise UsageError(
+                f"--boxes needs a config of the RegionSpot meta-architecture; {args.config_file} builds {meta}, "
+                "which finds its own regions (drop --boxes, or pass e.g. --config-file configs/Base-RegionSpot-BB.yaml)."
+            )
+        return "boxes"
+    if meta == "RegionSpotRelabel":
+        return "detector"
+    if meta == "RegionSpot":
+        if cfg.MODEL.REGIONSPOT.BOX_SOURCE == "GENERATOR":
+            return "generator"
+        raise UsageError(
+            "No region prompts: RegionSpot recognises given regions. Pass --boxes boxes.json "
+            "(image file name -> [[x1, y1, x2, y2(, score)], ...]) or --detector-config <detectron2 config> "
+            f"(e.g. {MODEL_ZOO_PREFIX}COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml) to detect them, or a --config-file "
+            "whose model finds them (BOX_SOURCE GENERATOR, e.g. projects/RegionSpot/configs/SAM-Proposals/)."
+        )
+    return "model"
+
+
+def build_demo_model(cfg):
+    """``build_model`` + checkpointer, as ``train_net.py --eval-only`` does; refuses a head nothing loads."""
+    from detectron2.modeling import build_model
+
+    from regionspot import RegionSpotCheckpointer
+    from regionspot.checkpoint import check_head_weights
+    from regionspot.modeling import load_head_weights
+
+    try:
+        check_head_weights(cfg)  # before the vocabulary is encoded
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    model = build_model(cfg)
+    model.eval()
+    if cfg.MODEL.WEIGHTS:
+        RegionSpotCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    if cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS:  # MODEL.WEIGHTS was the detector's (GeneralizedRCNN recipes)
+        load_head_weights(model, cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS)
+    check_head_weights(cfg, model)
+    return model
+
+
+def model_input(cfg, image_rgb, boxes=None, box_scores=None):
+    """
+    One input dict of detectron2's model contract, as the test loader makes it: the image in
+    ``INPUT.FORMAT`` resized as ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` say (0: as it is),
+    ``height`` / ``width`` the image's own size (the results come back at it), and the given boxes
+    as ``proposals`` in the resized image's pixels with ``objectness_logits`` = logit(score).
     """
     import numpy as np
     import torch
+    from detectron2.data import transforms as T
+    from detectron2.structures import Boxes, Instances
 
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    h, w = image.shape[:2]
-    if len(boxes) == 0:
-        return {
-            "boxes": boxes, "classes": np.zeros(0, np.int64), "scores": np.zeros(0, np.float32),
-            "masks": np.zeros((0, h, w), bool) if with_masks else None,
-        }
-    predictor.set_image(image, "RGB")
-    out = predictor.predict(torch.as_tensor(boxes), return_masks=with_masks)
-    probs, classes = out["scores"].float().cpu().max(dim=1)
-    scores = probs * torch.as_tensor(box_scores, dtype=torch.float32)
-    keep = torch.nonzero(scores >= threshold).flatten()
-    keep = keep[scores[keep].argsort(descending=True)]
-    masks = out["masks"][keep.to(out["masks"].device)].cpu().numpy() if with_masks else None
-    return {
-        "boxes": boxes[keep.numpy()],
-        "classes": classes[keep].numpy(),
-        "scores": scores[keep].numpy(),
-        "masks": masks,
-    }
+    height, width = image_rgb.shape[:2]
+    image = image_rgb if cfg.INPUT.FORMAT == "RGB" else image_rgb[:, :, ::-1]
+    min_size = int(cfg.INPUT.MIN_SIZE_TEST)
+    if min_size > 0:
+        transform = T.ResizeShortestEdge([min_size, min_size], cfg.INPUT.MAX_SIZE_TEST).get_transform(image)
+    else:
+        transform = T.NoOpTransform()
+    image = transform.apply_image(image)
+    x = {"image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))), "height": height, "width": width}
+    if boxes is not None:
+        proposals = Instances(image.shape[:2])
+        boxes = transform.apply_box(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+        proposals.proposal_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32))
+        proposals.objectness_logits = torch.logit(torch.as_tensor(box_scores, dtype=torch.float32))
+        x["proposals"] = proposals
+    return x
 
 
-def draw(image, result, class_names):
-    """Visualizer drawing: boxes, "name score" labels and masks, one colour per class."""
-    from detectron2.utils.colormap import colormap
+def keep_confident(instances, threshold):
+    """The regions scoring at least ``threshold``, best first."""
+    instances = instances[instances.scores >= threshold]
+    return instances[instances.scores.argsort(descending=True)]
+
+
+def draw(image_rgb, instances, metadata):
+    """detectron2's ``Visualizer``: boxes, "name score" labels and masks, one colour per class."""
     from detectron2.utils.visualizer import ColorMode, Visualizer
 
-    vis = Visualizer(image, metadata=None, scale=1.0, instance_mode=ColorMode.IMAGE)
-    if len(result["boxes"]) == 0:
-        return vis.output.get_image()
-    palette = colormap(rgb=True, maximum=1)
-    labels = [f"{class_names[c]} {s:.2f}" for c, s in zip(result["classes"], result["scores"])]
-    colors = [palette[c % len(palette)] for c in result["classes"]]
-    out = vis.overlay_instances(
-        boxes=result["boxes"], labels=labels, masks=result["masks"], assigned_colors=colors
-    )
-    return out.get_image()
+    vis = Visualizer(image_rgb, metadata=metadata, scale=1.0, instance_mode=ColorMode.IMAGE)
+    return vis.draw_instance_predictions(instances).get_image()
 
 
-def to_coco_results(result, image_id, file_name, class_names):
-    import numpy as np
-    import pycocotools.mask as mask_util
+def class_metadata(class_names):
+    from detectron2.data.catalog import Metadata
+    from detectron2.utils.colormap import colormap
 
-    rles = None
-    if result["masks"] is not None and len(result["masks"]):
-        rles = mask_util.encode(np.asfortranarray(result["masks"].transpose(1, 2, 0).astype(np.uint8)))
-    entries = []
-    for k, (box, c, s) in enumerate(zip(result["boxes"], result["classes"], result["scores"])):
-        x1, y1, x2, y2 = (float(v) for v in box)
-        entry = {
-            "image_id": image_id,
-            "file_name": file_name,
-            "category_id": int(c),
-            "category_name": class_names[int(c)],
-            "bbox": [x1, y1, x2 - x1, y2 - y1],
-            "score": float(s),
-        }
-        if rles is not None:
-            rle = rles[k]
-            entry["segmentation"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-        entries.append(entry)
+    palette = colormap(rgb=True, maximum=255)
+    colors = [tuple(int(v) for v in palette[c % len(palette)]) for c in range(len(class_names))]
+    return Metadata(thing_classes=list(class_names), thing_colors=colors)
+
+
+def to_coco_results(instances, image_id, file_name, class_names):
+    from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+
+    entries = instances_to_coco_json(instances, image_id)
+    for entry in entries:
+        entry["file_name"] = file_name
+        entry["category_name"] = class_names[entry["category_id"]]
     return entries
 
 
@@ -418,15 +500,18 @@ def run(args):
     # Cheap checks first: no model is built for a command line that cannot work.
     if args.boxes and args.detector_config:
         raise UsageError("Pass either --boxes or --detector-config, not both.")
-    if not args.boxes and not args.detector_config:
-        raise UsageError(
-            "No region prompts: RegionSpot recognises given regions. Pass --boxes boxes.json "
-            "(image file name -> [[x1, y1, x2, y2(, score)], ...]) or --detector-config <detectron2 config> "
-            "(e.g. COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml) to detect them."
-        )
     vocabulary_name = args.vocabulary or ("custom" if args.custom_vocabulary else "lvis")
     if args.custom_vocabulary and vocabulary_name != "custom":
         raise UsageError(f"--custom-vocabulary is only used with --vocabulary custom (got --vocabulary {vocabulary_name}).")
+
+    from regionspot.data.vocabularies import get_vocabulary
+
+    try:
+        class_names = get_vocabulary(vocabulary_name, args.custom_vocabulary)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    cfg = setup_cfg(args, class_names)
+    source = region_source(cfg, args)
     files, unmatched = expand_inputs(args.input)
     if not files:
         raise UsageError(
@@ -444,27 +529,23 @@ def run(args):
     import torch
     from tqdm import tqdm
 
-    from regionspot import RegionSpotPredictor
     from regionspot.data.images import ImageReadError, read_image
-    from regionspot.data.vocabularies import get_vocabulary
 
-    class_names = get_vocabulary(vocabulary_name, args.custom_vocabulary)
     logger.info(f"Vocabulary: {vocabulary_name}, {len(class_names)} classes")
-    cfg = setup_cfg(args, class_names)
     if cfg.MODEL.REGIONSPOT.RANDOM_INIT_FROZEN:
         logger.warning(
             "MODEL.REGIONSPOT.RANDOM_INIT_FROZEN is on: SAM and CLIP have random stand-in weights, so the "
             "predictions are meaningless (use real weights, see the README)."
         )
-    elif not cfg.MODEL.WEIGHTS:
-        logger.warning("MODEL.WEIGHTS is empty: the fusion module is untrained, so the predictions are meaningless.")
-    if boxes_map is not None:
+    if source == "boxes":
         logger.info(f"Boxes: {args.boxes} ({len(boxes_map)} images)")
-        detector = None
+    elif source == "detector":
+        rs = cfg.MODEL.REGIONSPOT
+        logger.info(f"Boxes: detections of {rs.DETECTOR.CONFIG} (weights: {rs.DETECTOR.WEIGHTS or 'random'})")
     else:
-        detector = build_detector(args, cfg.MODEL.DEVICE)
-
-    predictor = RegionSpotPredictor(cfg)
+        logger.info(f"Regions: found by the model ({cfg.MODEL.META_ARCHITECTURE}, {cfg.MODEL.PROPOSAL_GENERATOR.NAME})")
+    model = build_demo_model(cfg)
+    metadata = class_metadata(class_names)
     os.makedirs(args.output, exist_ok=True)
     logger.info(f"{len(files)} input images -> {args.output}")
 
@@ -476,6 +557,7 @@ def run(args):
             if path in unreadable:  # already warned about by probe_inputs
                 continue
             base = os.path.basename(path)
+            entry = None
             if boxes_map is not None:
                 entry = boxes_map.get(base, boxes_map.get(path))
                 if entry is None:
@@ -491,19 +573,15 @@ def run(args):
                 logger.warning(f"{e} Skipping it (--strict makes this an error).")
                 unreadable[path] = e
                 continue
-            if not image.flags.writeable:  # PIL's buffer; torch warns about read-only arrays
-                image = image.copy()
-            if boxes_map is not None:
-                boxes, box_scores = entry
-            else:
-                boxes, box_scores = detect_boxes(detector, image)
-            result = recognise(predictor, image, boxes, box_scores, args.confidence_threshold, not args.no_masks)
-            vis = draw(image, result, class_names)
+            x = model_input(cfg, image, *(entry if entry is not None else ()))
+            instances = model([x])[0]["instances"].to("cpu")
+            instances = keep_confident(instances, args.confidence_threshold)
+            vis = draw(image, instances, metadata)
             out_path = os.path.join(args.output, _output_name(path, used_names))
             if not cv2.imwrite(out_path, vis[:, :, ::-1]):
                 raise UsageError(f"Could not write {out_path}.")
-            results.extend(to_coco_results(result, image_id, path, class_names))
-            logger.debug(f"{path}: {len(boxes)} regions, {len(result['boxes'])} kept -> {out_path}")
+            results.extend(to_coco_results(instances, image_id, path, class_names))
+            logger.debug(f"{path}: {len(instances)} regions kept -> {out_path}")
             done += 1
 
     if done == 0 and unreadable:

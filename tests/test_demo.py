@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -63,9 +64,9 @@ def _run(script, args, env):
     return proc, proc.stdout + proc.stderr
 
 
-def _check_entry(entry, height, width):
+def _check_entry(entry, height, width, vocabulary=VOCAB):
     assert {"image_id", "file_name", "category_id", "category_name", "bbox", "score", "segmentation"} <= set(entry)
-    assert entry["category_name"] == VOCAB[entry["category_id"]]
+    assert entry["category_name"] == vocabulary[entry["category_id"]]
     assert len(entry["bbox"]) == 4 and entry["bbox"][2] >= 0 and entry["bbox"][3] >= 0
     assert 0.0 <= entry["score"] <= 1.0
     rle = entry["segmentation"]
@@ -125,29 +126,72 @@ def test_demo_no_input_matched(env, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_demo_with_detector(images, env, tmp_path):
+def _readme_demo_command(marker):
+    """The README's ``python demo/demo.py ...`` command that contains ``marker``, as an argument list."""
+    lines = open(os.path.join(REPO_ROOT, "README.md")).read().splitlines()
+    for k, line in enumerate(lines):
+        if not line.startswith("python demo/demo.py"):
+            continue
+        command = line
+        while command.endswith("\\"):
+            k += 1
+            command = command[:-1] + " " + lines[k].strip()
+        if marker in command:
+            return shlex.split(command)[2:]
+    raise AssertionError(f"README.md has no demo command with {marker!r}")
+
+
+def _replace_value(args, flag, value):
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+def test_demo_readme_detector_command(images, env, tmp_path):
+    """The README's detector command (model_zoo: name, tiny default config) through RegionSpotRelabel, no download."""
     out = tmp_path / "out"
     coffee = images["folder"] / "coffee.png"
-    args = [
-        "--input", str(coffee), "--vocabulary", "custom", "--custom-vocabulary", ",".join(VOCAB),
-        "--confidence-threshold", "0", "--cpu", "--output", str(out),
-        "--detector-config", "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml", "--detector-weights", "",
+    args = _readme_demo_command("--detector-config model_zoo:")
+    assert "--config-file" not in args  # the tiny default preset
+    args = _replace_value(_replace_value(args, "--input", str(coffee)), "--output", str(out))
+    args += [
+        "--confidence-threshold", "0", "--detector-weights", "",
         # Random weights: normalise the input (tames the activations) and keep every score; small and fast.
-        "--detector-opts", "MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
-        "TEST.DETECTIONS_PER_IMAGE", "5", "INPUT.MIN_SIZE_TEST", "256", "INPUT.MAX_SIZE_TEST", "400",
-        "MODEL.PIXEL_STD", "[57.375, 57.12, 58.395]",
+        "--detector-opts", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "5",
+        "INPUT.MIN_SIZE_TEST", "256", "INPUT.MAX_SIZE_TEST", "400", "MODEL.PIXEL_STD", "[57.375, 57.12, 58.395]",
     ]
     proc, log = _run(DEMO, args, env)
     assert proc.returncode == 0, log
-    assert "RANDOM weights" in log
+    assert "RANDOM weights" in log and "model_zoo:COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml" in log
+    vocabulary = json.loads((out / "vocabulary.json").read_text())
+    assert vocabulary == get_vocabulary("custom", args[args.index("--custom-vocabulary") + 1])
     results = json.loads((out / "results.json").read_text())
     assert 0 < len(results) <= 5
     h, w = images["coffee"].shape[:2]
     for entry in results:
-        _check_entry(entry, h, w)
+        _check_entry(entry, h, w, vocabulary)
         x, y, bw, bh = entry["bbox"]
         assert -1e-3 <= x and -1e-3 <= y and x + bw <= w + 1e-3 and y + bh <= h + 1e-3
     assert cv2.imread(str(out / "coffee.png")).shape == images["coffee"].shape
+
+
+def test_demo_sam_proposals_config(images, env, tmp_path):
+    """No boxes on the command line: the config's model finds the regions (SAM automatic masks)."""
+    out = tmp_path / "out"
+    config = os.path.join(REPO_ROOT, "projects", "RegionSpot", "configs", "SAM-Proposals", "RegionSpot-tiny_sam-proposals_shapes.yaml")
+    args = [
+        "--config-file", config, "--input", str(images["folder"] / "astronaut.png"), "--vocabulary", "custom",
+        "--custom-vocabulary", ",".join(VOCAB), "--confidence-threshold", "0", "--output", str(out),
+    ]
+    proc, log = _run(DEMO, args, env)
+    assert proc.returncode == 0, log
+    results = json.loads((out / "results.json").read_text())
+    assert results
+    h, w = images["astronaut"].shape[:2]
+    for entry in results:
+        _check_entry(entry, h, w)
+    scores = [e["score"] for e in results]
+    assert scores == sorted(scores, reverse=True)
 
 
 def test_dump_text_embeddings(env, tmp_path, predictor):
@@ -214,6 +258,17 @@ def test_demo_argument_errors(tmp_path):
         run("--input", str(photo), "--boxes", str(bad))
     with pytest.raises(ValueError, match="only used with --vocabulary custom"):
         run("--input", str(photo), "--boxes", str(bad), "--vocabulary", "coco", "--custom-vocabulary", "cat")
+    bad.write_text(json.dumps({"a.png": [[0, 0, 5, 5, 1.5]]}))
+    with pytest.raises(ValueError, match=r"entry 'a.png', box 0: score 1.5 is not in \[0, 1\]"):
+        run("--input", str(photo), "--boxes", str(bad))
+    with pytest.raises(ValueError, match="write model_zoo:COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"):
+        run("--input", str(photo), "--detector-config", "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml")
+    with pytest.raises(ValueError, match="no such file"):
+        run("--input", str(photo), "--detector-config", str(tmp_path / "nope.yaml"))
+    relabel = os.path.join(REPO_ROOT, "projects", "RegionSpot", "configs", "Detector-Relabel", "RegionSpot-tiny_relabel-mask-rcnn_shapes.yaml")
+    bad.write_text(json.dumps({"a.png": [[0, 0, 5, 5]]}))
+    with pytest.raises(ValueError, match="--boxes needs a config of the RegionSpot meta-architecture"):
+        run("--config-file", relabel, "--input", str(photo), "--boxes", str(bad))
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not a PNG file")
     bad.write_text(json.dumps({"broken.png": [[0, 0, 4, 4]]}))
