@@ -87,12 +87,7 @@ def test_fp32_frozen_models_stay_fp32_inside_autocast(device, photo):
 
 
 def test_amp_training_needs_cuda(tmp_path):
-    import sys
-
-    from conftest import REPO_ROOT
-
-    sys.path.insert(0, REPO_ROOT)
-    from train_net import Trainer
+    from regionspot.engine import Trainer
 
     cfg = tiny_cfg("OUTPUT_DIR", str(tmp_path), "SOLVER.AMP.ENABLED", True, "MODEL.DEVICE", "cpu")
     with pytest.raises(ValueError, match=r"SOLVER.AMP.ENABLED=True needs a CUDA device.*FROZEN_PRECISION"):
@@ -102,14 +97,9 @@ def test_amp_training_needs_cuda(tmp_path):
 @pytest.mark.parametrize("device", [CUDA])
 def test_amp_training_on_cuda(device, tmp_path):
     """detectron2's AMPTrainer: the fusion module trains under fp16 autocast; SAM and CLIP stay frozen."""
-    import sys
-
-    from conftest import REPO_ROOT
-
-    sys.path.insert(0, REPO_ROOT)
     from detectron2.engine import AMPTrainer
 
-    from train_net import Trainer
+    from regionspot.engine import Trainer
 
     cfg = tiny_cfg("OUTPUT_DIR", str(tmp_path), "SOLVER.AMP.ENABLED", True, "MODEL.DEVICE", device,
                    "SOLVER.MAX_ITER", 20, "SOLVER.IMS_PER_BATCH", 4, "SOLVER.CHECKPOINT_PERIOD", 1000,

@@ -26,10 +26,7 @@ from detectron2.structures import Boxes, BoxMode, pairwise_iou
 from conftest import REPO_ROOT, TINY_CONFIG, tiny_cfg
 from regionspot.data import detections_to_proposals, save_proposals
 from regionspot.data.shapes import SHAPES_CLASSES, SHAPES_SPLITS, generate_shapes_split
-
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-from train_net import Trainer  # noqa: E402
+from regionspot.engine import Trainer
 
 NUM_IMAGES = 6
 SUBSET = "rs_test_eval_shapes_val6"

@@ -1,15 +1,14 @@
 """
-Feature cache (regionspot/data/feature_cache.py, tools/extract_features.py): cached tokens and
+Feature cache (regionspot/data/feature_cache.py, regionspot/engine/fingerprints.py,
+regionspot/engine/feature_extraction.py behind tools/extract_features.py): cached tokens and
 features equal the online computation for each view, the loss from the cache equals the online
 loss, extraction resumes, stale and corrupt caches are refused, and the trainer runs from the cache
 without running SAM or CLIP.
 """
 import copy
 import json
-import importlib.util
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -17,11 +16,11 @@ import torch
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 
-from conftest import REPO_ROOT, TINY_CONFIG, tiny_cfg
+from conftest import TINY_CONFIG, tiny_cfg
+from hooks import RecordLoss
 
 from regionspot.data import mappers
 from regionspot.data.feature_cache import (
@@ -30,17 +29,11 @@ from regionspot.data.feature_cache import (
     FeatureCache,
     FeatureCacheError,
     StaleFeatureCacheError,
-    build_cached_train_loader,
     get_view,
 )
 from regionspot.data.shapes import SHAPES_CLASSES, generate_shapes_split
-
-sys.path.insert(0, REPO_ROOT)
-from train_net import Trainer  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("extract_features", os.path.join(REPO_ROOT, "tools", "extract_features.py"))
-extract_features = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(extract_features)
+from regionspot.engine import Trainer, build_train_loader, check_feature_cache
+from regionspot.engine import feature_extraction
 
 DATASET = "test_feature_cache_shapes"
 NUM_IMAGES = 6
@@ -57,7 +50,7 @@ def _cfg(*extra):
 
 def _extract(out, *extra_opts, views="identity,hflip"):
     argv = ["--config-file", TINY_CONFIG, "--output", str(out), "--views", views, "--no-progress", "--opts"]
-    return extract_features.main(argv + [str(o) for o in _opts(*extra_opts)])
+    return feature_extraction.main(argv + [str(o) for o in _opts(*extra_opts)])
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +93,8 @@ def test_manifest_and_views(cache_dir, shapes):
     assert m["sam"]["type"] == "tiny" and m["clip"]["input_size"] == 128 and m["dtype"] == "float16"
     assert m["views"]["hflip"]["hflip"] and not m["views"]["identity"]["hflip"]
     cfg = _cfg()
-    cache.check(cfg)
-    cache.check(build_model(cfg))  # the very tensors of a model built from the config
+    check_feature_cache(cache, cfg)
+    check_feature_cache(cache, build_model(cfg))  # the very tensors of a model built from the config
     cache.check_complete(DATASET)
     # views are drawn at random per dict (detectron2 seeds numpy's global RNG)
     mapper = CachedFeatureMapper(cache, DATASET)
@@ -142,7 +135,7 @@ def test_loss_from_cache_equals_online(cache_dir, shapes):
     model = build_model(cfg)
     model.train()
     cache = FeatureCache(str(cache_dir))
-    cache.check(cfg)
+    check_feature_cache(cache, cfg)
     for view, augmentations in (("identity", []), ("hflip", [T.RandomFlip(prob=1.0)])):
         online = DatasetMapper(
             is_train=True, augmentations=augmentations, image_format=cfg.INPUT.FORMAT, use_instance_mask=False
@@ -202,12 +195,12 @@ def test_stale_cache_is_refused(cache_copy, opts, field):
     manifest = (cache_copy / MANIFEST_NAME).read_text()
     cfg = _cfg("MODEL.REGIONSPOT.FEATURE_CACHE.DIR", str(cache_copy), *opts)
     with pytest.raises(StaleFeatureCacheError, match=field) as e:
-        build_cached_train_loader(cfg)
+        build_train_loader(cfg)
     assert "tools/extract_features.py" in str(e.value) and "new --output directory" in str(e.value).lower()
     with pytest.raises(StaleFeatureCacheError, match=field.split(" ")[0]):
         _extract(cache_copy, *opts)
     with pytest.raises(StaleFeatureCacheError, match="fingerprint of|input size|precision"):
-        FeatureCache(str(cache_copy)).check(build_model(_cfg(*opts)))
+        check_feature_cache(FeatureCache(str(cache_copy)), build_model(_cfg(*opts)))
     assert (cache_copy / MANIFEST_NAME).read_text() == manifest  # refused before writing anything
 
 
@@ -215,19 +208,19 @@ def test_clip_antialias_is_recorded(cache_copy):
     """A cache of the un-antialiased CLIP view is refused with antialias on; old manifests read as off."""
     cfg = _cfg("MODEL.REGIONSPOT.FEATURE_CACHE.DIR", str(cache_copy), "MODEL.REGIONSPOT.CLIP.RESIZE_ANTIALIAS", True)
     with pytest.raises(StaleFeatureCacheError, match="RESIZE_ANTIALIAS is False in the cache but True"):
-        build_cached_train_loader(cfg)
+        build_train_loader(cfg)
     manifest = json.loads((cache_copy / MANIFEST_NAME).read_text())
     settings = manifest.get("settings", manifest)
     del settings["clip"]["resize_antialias"]
     (cache_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
-    build_cached_train_loader(_cfg("MODEL.REGIONSPOT.FEATURE_CACHE.DIR", str(cache_copy)))
+    build_train_loader(_cfg("MODEL.REGIONSPOT.FEATURE_CACHE.DIR", str(cache_copy)))
 
 
 def test_stale_view_or_dataset_and_missing_dataset(cache_copy, tmp_path):
     cache = FeatureCache(str(cache_copy))
     cfg = _cfg("DATASETS.TRAIN", "('regionspot_shapes_val',)")
     with pytest.raises(FeatureCacheError, match="no features of dataset 'regionspot_shapes_val'"):
-        cache.check(cfg)
+        check_feature_cache(cache, cfg)
     from regionspot.data.feature_cache import CachedView
 
     with pytest.raises(StaleFeatureCacheError, match="view 'hflip'"):
@@ -238,7 +231,7 @@ def test_stale_view_or_dataset_and_missing_dataset(cache_copy, tmp_path):
 
 def test_corrupt_and_missing_files_are_named(cache_copy, shapes):
     cache = FeatureCache(str(cache_copy))
-    cache.check(_cfg())
+    check_feature_cache(cache, _cfg())
     image_id = shapes[1]["image_id"]
     path = cache.path(DATASET, "identity", image_id)
     good = open(path, "rb").read()
@@ -272,14 +265,6 @@ def test_corrupt_and_missing_files_are_named(cache_copy, shapes):
         cache.check_complete(DATASET)
 
 
-class _RecordLoss(HookBase):
-    def __init__(self, out):
-        self.out = out
-
-    def after_step(self):
-        self.out.append(self.trainer.storage.history("total_loss").latest())
-
-
 def test_trainer_from_cache_runs_no_sam_clip_or_image_decoding(cache_dir, tmp_path, monkeypatch):
     cfg = _cfg(
         "MODEL.REGIONSPOT.FEATURE_CACHE.DIR", str(cache_dir), "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", 5,
@@ -297,7 +282,7 @@ def test_trainer_from_cache_runs_no_sam_clip_or_image_decoding(cache_dir, tmp_pa
     monkeypatch.setattr(mappers, "read_image", fail)  # the reader of RegionSpot's mappers
     fusion = {n: p.detach().clone() for n, p in head.fusion.named_parameters()}
     losses = []
-    trainer.register_hooks([_RecordLoss(losses)])
+    trainer.register_hooks([RecordLoss(losses)])
     trainer.train()
     assert len(losses) == 5 and all(np.isfinite(losses)) and max(losses) > 0
     assert any(not torch.equal(p, fusion[n]) for n, p in head.fusion.named_parameters())
@@ -313,14 +298,14 @@ def test_weights_file_fingerprint(shapes, tmp_path):
     assert _extract(out, "MODEL.REGIONSPOT.SAM.WEIGHTS", str(weights), views="identity")["extracted"] == NUM_IMAGES
     cache = FeatureCache(str(out))
     assert cache.manifest["sam"]["weights_sha256"] and cache.manifest["sam"]["random_init_seed"] is None
-    cache.check(_cfg("MODEL.REGIONSPOT.SAM.WEIGHTS", str(weights)))
+    check_feature_cache(cache, _cfg("MODEL.REGIONSPOT.SAM.WEIGHTS", str(weights)))
     moved = tmp_path / "moved.pth"
     os.replace(weights, moved)  # the path is not part of the fingerprint
-    cache.check(_cfg("MODEL.REGIONSPOT.SAM.WEIGHTS", str(moved)))
+    check_feature_cache(cache, _cfg("MODEL.REGIONSPOT.SAM.WEIGHTS", str(moved)))
     state = sam.state_dict()
     state["mask_decoder.iou_token.weight"][0, 0] += 1e-3  # one weight of the decoder
     torch.save(state, moved)
     with pytest.raises(StaleFeatureCacheError, match="SHA-256 of MODEL.REGIONSPOT.SAM.WEIGHTS"):
-        cache.check(_cfg("MODEL.REGIONSPOT.SAM.WEIGHTS", str(moved)))
+        check_feature_cache(cache, _cfg("MODEL.REGIONSPOT.SAM.WEIGHTS", str(moved)))
     with pytest.raises(StaleFeatureCacheError, match="source of SAM's weights .* 'a weights file' in the cache"):
-        cache.check(_cfg())  # random SAM weights now
+        check_feature_cache(cache, _cfg())  # random SAM weights now

@@ -318,7 +318,8 @@ def test_demo_refuses_output_over_inputs(demo_inputs, env, tmp_path):
 # -------------------------------------------------------------------------------------------------
 # The feature extractor
 def test_extract_features_skips_unreadable_image(tmp_path):
-    extract = _load_script("regionspot_extract_guard", os.path.join(REPO_ROOT, "tools", "extract_features.py"))
+    from regionspot.engine import feature_extraction as extract
+
     name = "test_guard_images_shapes"
     dicts = generate_shapes_split(str(tmp_path / "shapes"), "train", 3, 0)
     bad = tmp_path / "bad.png"

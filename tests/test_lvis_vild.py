@@ -2,7 +2,6 @@
 import copy
 import json
 import os
-import sys
 import uuid
 
 import numpy as np
@@ -24,9 +23,7 @@ from regionspot.data.lvis_vild import (
     lvis_rare_category_ids,
     register_lvis_vild,
 )
-
-sys.path.insert(0, REPO_ROOT)
-from train_net import Trainer  # noqa: E402
+from regionspot.engine import Trainer
 
 VILD_CONFIGS = [
     os.path.join(REPO_ROOT, "configs", "Training", "RegionSpot-BB_lvis-vild_base-train.yaml"),

@@ -2,13 +2,11 @@
 import itertools
 import json
 import os
-import sys
 
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
-from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 
@@ -20,15 +18,14 @@ from regionspot.data.multi_dataset import (
     dataset_choice_seed,
     dataset_class_names,
     read_coco_category_names,
-    register_training_vocabularies,
 )
 from regionspot.data.shapes import SHAPES_CLASSES, generate_shapes_split
 from regionspot.data.training_datasets import TRAINING_DATASETS, register_training_datasets
 
-from conftest import REPO_ROOT, tiny_cfg
+from regionspot.engine import Trainer, register_training_vocabularies
 
-sys.path.insert(0, REPO_ROOT)
-from train_net import Trainer  # noqa: E402
+from conftest import tiny_cfg
+from hooks import RecordLoss
 
 # Dataset B keeps 3 of the shapes classes, renamed and with other category ids:
 # shapes class index -> (category id, name). By id: 10 star, 20 diamond, 30 square.
@@ -209,14 +206,6 @@ def test_dataset_without_class_names_fails_clearly(tmp_path):
         MetadataCatalog.remove("test_multi_missing_json")
 
 
-class _RecordLoss(HookBase):
-    def __init__(self, out):
-        self.out = out
-
-    def after_step(self):
-        self.out.append(self.trainer.storage.history("total_loss").latest())
-
-
 def test_training_over_two_datasets(datasets, tmp_path):
     a, b = datasets
     cfg = _loader_cfg(datasets, "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", 10, "SOLVER.CHECKPOINT_PERIOD", 1000,
@@ -238,7 +227,7 @@ def test_training_over_two_datasets(datasets, tmp_path):
 
     head.logits = spy
     losses = []
-    trainer.register_hooks([_RecordLoss(losses)])
+    trainer.register_hooks([RecordLoss(losses)])
     trainer.train()
     assert len(losses) == 10 and all(torch.isfinite(torch.tensor(losses)))
     assert len(logits_widths) == 10

@@ -7,23 +7,13 @@ import time
 
 import pytest
 import torch
-from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from fvcore.nn import sigmoid_focal_loss
 
 from conftest import REPO_ROOT, TINY_CONFIG, tiny_cfg
-
-sys.path.insert(0, REPO_ROOT)
-from train_net import Trainer  # noqa: E402
-
-
-class _RecordLoss(HookBase):
-    def __init__(self, out):
-        self.out = out
-
-    def after_step(self):
-        self.out.append(self.trainer.storage.history("total_loss").latest())
+from hooks import RecordLoss
+from regionspot.engine import Trainer
 
 
 def test_focal_loss_normalisation(monkeypatch):
@@ -71,7 +61,7 @@ def test_only_the_fusion_module_learns_and_loss_decreases(tmp_path):
     assert optimized == {id(p) for n, p in model.named_parameters() if n in trainable}
 
     losses = []
-    trainer.register_hooks([_RecordLoss(losses)])
+    trainer.register_hooks([RecordLoss(losses)])
     trainer.train()
     assert not model.roi_heads.sam.training and not model.roi_heads.clip.training
     for n, p in model.named_parameters():

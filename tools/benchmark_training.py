@@ -28,7 +28,7 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
 import regionspot  # noqa: E402
-from regionspot.data import build_regionspot_train_loader  # noqa: E402
+from regionspot.engine import build_train_loader  # noqa: E402
 from regionspot.data.shapes import SHAPES_CLASSES, generate_shapes_split  # noqa: E402
 from regionspot.solver import build_regionspot_optimizer  # noqa: E402
 
@@ -101,8 +101,8 @@ def time_steps(model, optimizer, loader, warmup, iters, batch, device):
 
 
 def run_variant(variant, args, workdir):
-    from extract_features import main as extract_main
-    from train_net import Trainer
+    from regionspot.engine import Trainer
+    from regionspot.engine.feature_extraction import main as extract_main
 
     cache_dir = os.path.join(workdir, f"features_{variant}")
     cfg = make_cfg(variant, workdir, args.batch, args.device, args.precision)
@@ -114,10 +114,10 @@ def run_variant(variant, args, workdir):
     torch.manual_seed(0)
     model = Trainer.build_model(cfg)
     optimizer = build_regionspot_optimizer(cfg, model)
-    online = time_steps(model, optimizer, build_regionspot_train_loader(cfg), args.warmup, args.iters, args.batch,
+    online = time_steps(model, optimizer, build_train_loader(cfg), args.warmup, args.iters, args.batch,
                         args.device)
     cached_cfg = make_cfg(variant, workdir, args.batch, args.device, args.precision, cache_dir)
-    cached = time_steps(model, optimizer, build_regionspot_train_loader(cached_cfg), args.warmup, args.iters,
+    cached = time_steps(model, optimizer, build_train_loader(cached_cfg), args.warmup, args.iters,
                         args.batch, args.device)
     return {
         "variant": variant,

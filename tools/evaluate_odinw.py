@@ -37,7 +37,7 @@ from regionspot import RegionSpotCheckpointer
 from regionspot.checkpoint import check_head_weights
 from regionspot.config import get_regionspot_cfg
 from regionspot.data.io import atomic_write_bytes
-from regionspot.data.multi_dataset import local_main_process_first
+from regionspot.engine import local_main_process_first
 from regionspot.data.odinw import (
     BENCHMARK_SPLIT,
     ODINW13_DATASETS,

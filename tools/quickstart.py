@@ -6,7 +6,7 @@ Built-in quickstart (the job behind `make quickstart`): no downloads, CPU, a few
 2. builds RegionSpot with TINY SAM and CLIP of the stock classes and seeded RANDOM weights
    (stand-ins: they recognise nothing real; see the README to use the released weights),
 3. evaluates the untrained head on the held-out images with detectron2's COCOEvaluator
-   (GT boxes as prompts), trains the fusion module with train_net's Trainer, evaluates again,
+   (GT boxes as prompts), trains the fusion module with regionspot.engine.Trainer, evaluates again,
 4. writes a few Visualizer images of the held-out set to the output folder.
 """
 import argparse
@@ -23,9 +23,8 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_net import Trainer  # noqa: E402
-
 from regionspot.config import get_regionspot_cfg  # noqa: E402
+from regionspot.engine import Trainer  # noqa: E402
 
 logger = logging.getLogger("regionspot.quickstart")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "Quickstart", "RegionSpot-tiny_shapes.yaml")

@@ -9,8 +9,9 @@ shortest-edge resize, ...) applied to the image AND its boxes, exactly as the on
 applies its random augmentation; tokens are computed on the transformed image with the transformed
 boxes. Training then draws one of the cached views at random per image.
 
-Written by ``tools/extract_features.py``; read by :func:`build_cached_train_loader` (used by
-``train_net.py`` when ``MODEL.REGIONSPOT.FEATURE_CACHE.DIR`` is set), which never decodes an image.
+Written by ``tools/extract_features.py`` (:mod:`regionspot.engine.feature_extraction`); read by
+:func:`build_cached_train_loader` (used by ``train_net.py`` when ``MODEL.REGIONSPOT.FEATURE_CACHE.DIR``
+is set), which never decodes an image.
 
 Layout::
 
@@ -33,18 +34,11 @@ the view definitions, ``FROZEN_PRECISION`` (features made under fp16/bf16 autoca
 fp32) and, for SAM and CLIP, the TYPE, the weights fingerprint, CLIP's INPUT_SIZE and the feature
 dimensions.
 
-Fingerprints of the frozen weights (chosen so that checking a cache needs no model build when real
-weights are used):
-
-* a weights file (``SAM.WEIGHTS`` / ``CLIP.WEIGHTS``): the SHA-256 of the WHOLE file (any change of
-  any weight is detected; ~1 s for SAM ViT-B's 360 MB, memoised per (path, size, mtime) within a
-  process). The path itself is not compared: moving the file is fine.
-* seeded random weights (``RANDOM_INIT_FROZEN`` with empty WEIGHTS, tests and benchmarks only): the
-  ``RANDOM_INIT_SEED`` and the SHA-256 of the model's state-dict tensors, for which the check builds
-  the (random) models once. This also catches a change of the architecture code.
-
-The manifest also stores the SHA-256 of the state-dict tensors of the models the features were made
-with, so :meth:`FeatureCache.check` given a built model compares the very tensors.
+This module stores and compares those settings; it builds no model. What they are for a config or a
+built model (the fingerprints of the frozen weights: a weights file's SHA-256, or the seed and tensor
+digest of seeded random weights) is computed by :mod:`regionspot.engine.fingerprints`
+(:func:`~regionspot.engine.fingerprints.settings_from_cfg`,
+:func:`~regionspot.engine.fingerprints.check_feature_cache`).
 A cache made with other settings is "stale": :meth:`FeatureCache.check` raises
 :class:`StaleFeatureCacheError` naming the mismatching setting; re-run ``tools/extract_features.py``
 into a new directory. What the check cannot see is a change of the feature code itself (SAM token
@@ -61,13 +55,12 @@ import re
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from detectron2.config import CfgNode
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
@@ -82,15 +75,12 @@ __all__ = [
     "CachedView",
     "VIEWS",
     "get_view",
-    "register_view",
     "FeatureCache",
     "FeatureCacheError",
     "StaleFeatureCacheError",
     "CachedFeatureMapper",
     "build_cached_train_loader",
-    "build_frozen_head",
-    "frozen_fingerprints",
-    "settings_from_cfg",
+    "file_sha256",
     "view_annotations",
     "annotations_digest",
     "image_key",
@@ -150,17 +140,9 @@ VIEWS: Dict[str, CachedView] = {
 _RESIZE_VIEW = re.compile(r"^short(\d+)(?:max(\d+))?(_hflip)?$")
 
 
-def register_view(view: CachedView) -> CachedView:
-    """Add a view to the registry of names ``tools/extract_features.py --views`` accepts."""
-    if view.name in VIEWS and VIEWS[view.name] != view:
-        raise ValueError(f"A different view named {view.name!r} is already registered.")
-    VIEWS[view.name] = view
-    return view
-
-
 def get_view(name: str) -> CachedView:
     """
-    A view by name: ``identity``, ``hflip``, any registered one, or ``short<S>[max<M>][_hflip]``
+    A view by name: ``identity``, ``hflip``, or ``short<S>[max<M>][_hflip]``
     (shortest edge resized to S, longest side at most M, default 1333; e.g. ``short640_hflip``).
     """
     name = str(name).strip()
@@ -200,7 +182,8 @@ _TENSOR_FIELDS = ("region_tokens", "clip_features", "gt_boxes", "gt_classes")
 _META_FIELDS = ("format_version", "dataset", "view", "image_id", "image_size", "original_size", "annotations_sha256")
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor's values (on the CPU, contiguous)."""
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
@@ -213,7 +196,7 @@ def _record_digest(record: dict) -> str:
     for k in _TENSOR_FIELDS:
         t = record[k]
         h.update(f"|{k}|{t.dtype}|{list(t.shape)}|".encode("utf-8"))
-        h.update(_tensor_bytes(t))
+        h.update(tensor_bytes(t))
     return h.hexdigest()
 
 
@@ -232,9 +215,8 @@ def view_annotations(dataset_dict: dict, transforms: T.TransformList, image_shap
 
 
 # -------------------------------------------------------------------------------------------------
-# Fingerprints of the frozen models
+# Weights files
 _FILE_HASHES: Dict[tuple, str] = {}
-_RANDOM_FINGERPRINTS: Dict[tuple, dict] = {}
 
 
 def file_sha256(path: str) -> str:
@@ -248,100 +230,6 @@ def file_sha256(path: str) -> str:
                 h.update(chunk)
         _FILE_HASHES[key] = h.hexdigest()
     return _FILE_HASHES[key]
-
-
-def state_dict_sha256(module: torch.nn.Module) -> str:
-    """SHA-256 over the names, dtypes, shapes and values of a module's state dict."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(f"|{name}|{t.dtype}|{list(t.shape)}|".encode("utf-8"))
-        h.update(_tensor_bytes(t))
-    return h.hexdigest()
-
-
-def _frozen_model_cfg(cfg, device: Optional[str] = None):
-    """A copy of ``cfg`` that builds the model without a vocabulary (no text encoding) or proposals."""
-    c = cfg.clone()
-    c.defrost()
-    c.DATASETS.TRAIN = ()
-    c.DATASETS.TEST = ()
-    c.MODEL.REGIONSPOT.VOCABULARY = "dataset"
-    c.MODEL.REGIONSPOT.BOX_SOURCE = "GT"
-    c.MODEL.LOAD_PROPOSALS = False
-    c.MODEL.WEIGHTS = ""
-    if device is not None:
-        c.MODEL.DEVICE = device
-    c.freeze()
-    return c
-
-
-def build_frozen_head(cfg, device: Optional[str] = None):
-    """
-    The ROI head (frozen SAM and CLIP, untrained fusion) of ``build_model(cfg)``, in eval mode,
-    built without a vocabulary so no text is encoded.
-    """
-    from detectron2.modeling import build_model
-
-    model = build_model(_frozen_model_cfg(cfg, device))
-    return model.roi_heads.eval()
-
-
-def _head_of(model):
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    return getattr(model, "roi_heads", model)
-
-
-def frozen_fingerprints(model) -> dict:
-    """
-    Tensor fingerprints and feature dimensions of a built model's (or head's) SAM and CLIP, and the
-    precision they run in.
-    """
-    head = _head_of(model)
-    return {
-        "frozen_precision": head.sam.precision,
-        "sam": {"tensors_sha256": state_dict_sha256(head.sam.sam), "token_dim": int(head.sam.token_dim)},
-        "clip": {
-            "tensors_sha256": state_dict_sha256(head.clip.model),
-            "input_size": int(head.clip.input_size),
-            "num_tokens": int(head.clip.num_tokens),
-            "width": int(head.clip.width),
-        },
-    }
-
-
-def _random_fingerprints(cfg) -> dict:
-    rs = cfg.MODEL.REGIONSPOT
-    key = (rs.SAM.TYPE, rs.SAM.WEIGHTS, rs.CLIP.TYPE, rs.CLIP.WEIGHTS, rs.CLIP.INPUT_SIZE, rs.RANDOM_INIT_SEED)
-    if key not in _RANDOM_FINGERPRINTS:
-        _RANDOM_FINGERPRINTS[key] = frozen_fingerprints(build_frozen_head(cfg, device="cpu"))
-    return _RANDOM_FINGERPRINTS[key]
-
-
-def settings_from_cfg(cfg, model=None) -> dict:
-    """
-    The settings of the manifest that follow from ``cfg`` (and from the built ``model`` when given:
-    its tensor fingerprints and dimensions; else random-init models are built to hash them).
-    """
-    rs = cfg.MODEL.REGIONSPOT
-    out = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dtype": str(FEATURE_DTYPE).replace("torch.", "")}
-    for part, weights in (("sam", rs.SAM.WEIGHTS), ("clip", rs.CLIP.WEIGHTS)):
-        node = getattr(rs, part.upper())
-        out[part] = {
-            "type": node.TYPE,
-            "weights": weights,
-            "weights_sha256": file_sha256(weights) if weights else None,
-            "random_init_seed": None if weights else int(rs.RANDOM_INIT_SEED),
-        }
-    out["clip"]["input_size"] = int(rs.CLIP.INPUT_SIZE)
-    out["clip"]["resize_antialias"] = bool(rs.CLIP.RESIZE_ANTIALIAS)
-    out["frozen_precision"] = rs.FROZEN_PRECISION
-    prints = frozen_fingerprints(model) if model is not None else None
-    if prints is None and not (rs.SAM.WEIGHTS and rs.CLIP.WEIGHTS):
-        prints = _random_fingerprints(cfg)
-    if prints is not None:
-        for part in ("sam", "clip"):
-            out[part].update(prints[part])
-    return out
 
 
 # Settings compared between a cache and the current config: (manifest path, what to call it).
@@ -375,6 +263,14 @@ def _get(d: dict, path: Sequence[str]):
             return None
         d = d.get(k)
     return d
+
+
+def _has(d: dict, path: Sequence[str]) -> bool:
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return False
+        d = d[k]
+    return True
 
 
 # Values of settings recorded later, for caches written before them.
@@ -484,52 +380,42 @@ class FeatureCache:
         self._manifest = manifest
         return manifest
 
-    def check(self, cfg_or_model, datasets: Optional[Iterable[str]] = None):
+    def check(self, settings: dict, datasets: Optional[Iterable[str]] = None):
         """
-        Raise :class:`StaleFeatureCacheError` unless the cache was made with the settings of a config
-        (frozen-model types, weights fingerprints, RANDOM_INIT_SEED, CLIP.INPUT_SIZE) or of a built
-        model (tensor fingerprints, dimensions), and :class:`FeatureCacheError` when one of
-        ``datasets`` (default for a config: its DATASETS.TRAIN) is not in it.
+        Raise :class:`StaleFeatureCacheError` unless the cache was made with ``settings``, and
+        :class:`FeatureCacheError` when one of ``datasets`` is not in it.
+
+        ``settings`` are the current frozen models' settings, computed by
+        :mod:`regionspot.engine.fingerprints` (which :func:`regionspot.engine.check_feature_cache`
+        calls this with):
+
+        * a config's settings (they hold ``format_version``; ``settings_from_cfg``): frozen-model
+          types, weights fingerprints, RANDOM_INIT_SEED, CLIP.INPUT_SIZE, precision, and the tensor
+          fingerprints of seeded random weights. Settings without fingerprints (no
+          ``weights_sha256``) are compared without them: a first check that hashes nothing.
+        * a built model's fingerprints (``frozen_fingerprints``): tensor fingerprints, dimensions,
+          precision.
         """
         manifest = self.manifest
-        if isinstance(cfg_or_model, CfgNode):
-            cfg = cfg_or_model
+        if "format_version" in settings:
             if manifest.get("format_version") != FORMAT_VERSION:
                 _compare(self.root, manifest, {"format_version": FORMAT_VERSION}, _CFG_FIELDS[:1], "this code")
-            rs = cfg.MODEL.REGIONSPOT
-            for part, weights in (("sam", rs.SAM.WEIGHTS), ("clip", rs.CLIP.WEIGHTS)):
+            for part in ("sam", "clip"):
+                if "weights" not in settings.get(part, {}):
+                    continue
                 source = {True: "a weights file", False: "seeded random weights"}
                 _compare(
                     self.root,
                     {"source": source[bool(_get(manifest, (part, "weights_sha256")))]},
-                    {"source": source[bool(weights)]},
+                    {"source": source[bool(settings[part]["weights"])]},
                     ((("source",), f"the source of {part.upper()}'s weights (MODEL.REGIONSPOT.{part.upper()}.WEIGHTS)"),),
                     "the config",
                 )
-            cheap = {
-                "format_version": FORMAT_VERSION,
-                "dtype": manifest.get("dtype"),
-                "sam": {"type": rs.SAM.TYPE, "random_init_seed": None if rs.SAM.WEIGHTS else int(rs.RANDOM_INIT_SEED)},
-                "clip": {
-                    "type": rs.CLIP.TYPE,
-                    "random_init_seed": None if rs.CLIP.WEIGHTS else int(rs.RANDOM_INIT_SEED),
-                    "input_size": int(rs.CLIP.INPUT_SIZE),
-                    "resize_antialias": bool(rs.CLIP.RESIZE_ANTIALIAS),
-                },
-                "frozen_precision": rs.FROZEN_PRECISION,
-            }
-            cheap_fields = [f for f in _CFG_FIELDS if "weights_sha256" not in f[0]]
-            _compare(self.root, manifest, cheap, cheap_fields, "the config")  # before any hashing
-            current = settings_from_cfg(cfg)
-            fields = _CFG_FIELDS
-            if not (rs.SAM.WEIGHTS and rs.CLIP.WEIGHTS):  # random weights were built: compare their tensors
-                fields = fields + tuple(f for f in _MODEL_FIELDS if "tensors_sha256" in f[0])
-            _compare(self.root, manifest, current, fields, "the config")
-            if datasets is None:
-                datasets = cfg.DATASETS.TRAIN
+            fields = [f for f in _CFG_FIELDS if _has(settings, f[0])]
+            fields += [f for f in _MODEL_FIELDS if "tensors_sha256" in f[0] and _has(settings, f[0])]
+            _compare(self.root, manifest, settings, fields, "the config")
         else:
-            current = frozen_fingerprints(cfg_or_model)
-            _compare(self.root, manifest, current, _MODEL_FIELDS, "the model")
+            _compare(self.root, manifest, settings, _MODEL_FIELDS, "the model")
         for name in datasets or ():
             if name not in manifest.get("datasets", {}):
                 raise FeatureCacheError(
@@ -703,19 +589,21 @@ class CachedFeatureMapper:
         return out
 
 
-def build_cached_train_loader(cfg):
+def build_cached_train_loader(cfg, check_cache: Callable[[FeatureCache], None]):
     """
-    The training loader over ``MODEL.REGIONSPOT.FEATURE_CACHE.DIR``: checks that the cache fits the
-    config (stale caches raise :class:`StaleFeatureCacheError`) and holds every DATASETS.TRAIN entry
-    completely, then builds :func:`regionspot.data.multi_dataset.build_multi_dataset_train_loader`
-    with :class:`CachedFeatureMapper`. ``INPUT.*`` augmentations do not apply: the cached views are
-    the augmentations.
+    The training loader over ``MODEL.REGIONSPOT.FEATURE_CACHE.DIR``: ``check_cache(cache)`` checks
+    that the cache fits the frozen models of the config (stale caches raise
+    :class:`StaleFeatureCacheError`; :func:`regionspot.engine.check_feature_cache`, which
+    :func:`regionspot.engine.build_train_loader` passes), then every DATASETS.TRAIN entry is checked
+    to be complete and :func:`regionspot.data.multi_dataset.build_multi_dataset_train_loader` is
+    built with :class:`CachedFeatureMapper`. ``INPUT.*`` augmentations do not apply: the cached
+    views are the augmentations.
     """
     from .multi_dataset import build_multi_dataset_train_loader
 
     cache = FeatureCache(cfg.MODEL.REGIONSPOT.FEATURE_CACHE.DIR)
     t0 = time.perf_counter()
-    cache.check(cfg)
+    check_cache(cache)
     for name in cfg.DATASETS.TRAIN:
         cache.check_complete(name)
     logger.info(

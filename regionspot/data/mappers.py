@@ -255,16 +255,29 @@ def build_regionspot_train_mapper(cfg) -> DatasetMapper:
     )
 
 
-def build_regionspot_train_loader(cfg):
+def build_regionspot_train_loader(cfg, check_cache=None):
     """
-    The training loader ``train_net.py`` uses: from the feature cache when
-    ``MODEL.REGIONSPOT.FEATURE_CACHE.DIR`` is set, else over the images; several DATASETS.TRAIN
-    are mixed batch by batch (see :mod:`regionspot.data.multi_dataset`).
+    The training loader: from the feature cache when ``MODEL.REGIONSPOT.FEATURE_CACHE.DIR`` is set,
+    else over the images; several DATASETS.TRAIN are mixed batch by batch (see
+    :mod:`regionspot.data.multi_dataset`). ``train_net.py`` uses it through
+    :func:`regionspot.engine.build_train_loader`, which passes the check of the cache.
+
+    Args:
+        check_cache: with a feature cache, called with the
+            :class:`~regionspot.data.feature_cache.FeatureCache` before anything is read; raises
+            when the cache does not fit the config's frozen models (required then: this package
+            builds no model to compare with).
     """
     if cfg.MODEL.REGIONSPOT.FEATURE_CACHE.DIR:
         from .feature_cache import build_cached_train_loader
 
-        return build_cached_train_loader(cfg)
+        if check_cache is None:
+            raise ValueError(
+                "MODEL.REGIONSPOT.FEATURE_CACHE.DIR is set: the cache must be checked against the config's frozen "
+                "models before training from it. Build the loader with regionspot.engine.build_train_loader(cfg) "
+                "(or pass check_cache)."
+            )
+        return build_cached_train_loader(cfg, check_cache)
     from .multi_dataset import build_multi_dataset_train_loader
 
     return build_multi_dataset_train_loader(cfg, mapper_factory=lambda cfg, dataset_name: build_regionspot_train_mapper(cfg))

@@ -7,10 +7,9 @@ Data side, :func:`build_multi_dataset_train_loader`: one stock detectron2 train 
 picks, for each batch, a dataset at random with the weights ``DATALOADER.DATASET_RATIOS`` and
 yields that loader's next batch. Each dict of the batch carries ``"vocabulary": <dataset name>``.
 
-Model side, :func:`register_training_vocabularies`: the head gets each training dataset's class
-names registered under the dataset's name (``RegionSpotROIHeads.add_vocabulary``), which is what a
-batch's ``"vocabulary"`` refers to. The text embeddings are encoded once per machine (by the local
-main process, into the on-disk text cache); the other ranks wait and read the cache.
+Model side, :func:`regionspot.engine.register_training_vocabularies`: the head gets each training
+dataset's class names registered under the dataset's name, which is what a batch's ``"vocabulary"``
+refers to.
 
 Class names of COCO-json datasets (``register_coco_instances``) are only put into the metadata by
 detectron2's loader when the dataset is loaded, which for Objects365 / V3Det / OpenImages means
@@ -21,7 +20,6 @@ and stores the names in the metadata exactly as ``load_coco_json`` will later (n
 category id), so the later load agrees with them. Datasets without a json fall back to
 ``DatasetCatalog.get`` (which fills ``thing_classes`` for detectron2's COCO/LVIS loaders).
 """
-import contextlib
 import json
 import logging
 import math
@@ -48,10 +46,8 @@ __all__ = [
     "dataset_choice_seed",
     "dataset_class_names",
     "dataset_ratios",
-    "local_main_process_first",
     "read_coco_categories",
     "read_coco_category_names",
-    "register_training_vocabularies",
 ]
 
 # Seed of the dataset choice when cfg.SEED < 0 (the choice stays reproducible without a seed).
@@ -324,46 +320,3 @@ def dataset_class_names(dataset_name: str) -> List[str]:
             f"Set MetadataCatalog.get({dataset_name!r}).thing_classes."
         )
     return list(classes)
-
-
-@contextlib.contextmanager
-def local_main_process_first():
-    """
-    Run the body in each machine's local main process first, then in the other processes (which
-    wait at a barrier meanwhile), e.g. to fill an on-disk cache once per machine. A no-op without
-    distributed training. Every process must enter it.
-    """
-    distributed = comm.get_world_size() > 1
-    main = comm.get_local_rank() == 0
-    if distributed and not main:
-        comm.synchronize()
-    yield
-    if distributed and main:
-        comm.synchronize()
-
-
-def register_training_vocabularies(model, dataset_names: Sequence[str]) -> Dict[str, int]:
-    """
-    Register each training dataset's class names as a named vocabulary of the model's head
-    (``model.roi_heads.add_vocabulary(name, thing_classes)``), which the batches of that dataset use.
-
-    The text embeddings are encoded by each machine's local main process and written to the text
-    cache first; the other ranks wait (``comm.synchronize``) and then read them from the cache.
-    Every rank must call this.
-
-    Args:
-        model: RegionSpot, optionally wrapped (``.module``).
-        dataset_names: registered training datasets.
-
-    Returns:
-        dataset name -> number of classes.
-    """
-    head = (model.module if hasattr(model, "module") else model).roi_heads
-    if not hasattr(head, "add_vocabulary"):
-        raise TypeError(f"{type(head).__name__} cannot hold per-dataset vocabularies (no add_vocabulary).")
-    vocabularies = {name: dataset_class_names(name) for name in dataset_names}
-    with local_main_process_first():
-        for name, classes in vocabularies.items():
-            head.add_vocabulary(name, classes)
-            logger.info(f"Registered the vocabulary of training dataset {name!r} ({len(classes)} classes)")
-    return {name: len(classes) for name, classes in vocabularies.items()}
