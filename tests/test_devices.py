@@ -51,7 +51,7 @@ def test_model_and_vocabulary_on_the_configured_device(device, photo, monkeypatc
     predictor = regionspot.RegionSpotPredictor(cfg)
     assert seen == [device]
     assert {p.device.type for p in predictor.model.parameters()} == {device}
-    assert predictor.head.text_embeddings.device.type == device
+    assert predictor.head.classifier.text_embeddings.device.type == device
     predictor.set_image(photo)
     out = predictor.predict(BOXES)
     assert out["logits"].shape == (len(BOXES), 2) and out["masks"].shape == (len(BOXES), *photo.shape[:2])

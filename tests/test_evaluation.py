@@ -86,11 +86,11 @@ def _build(cfg):
 # The oracle
 def _install_oracle(monkeypatch, model, shift=0, scale=100.0):
     """
-    Make ``model.roi_heads.logits`` return ``scale * one_hot((c + shift) % C)`` for each region,
+    Make the head's classifier (``model.roi_heads.classifier``) return ``scale * one_hot((c + shift) % C)`` for each region,
     where ``c`` is the class of the GT box with the highest IoU to that region.
 
     ``model._regions`` is wrapped to stash, per image, the GT boxes/classes and the region boxes
-    in a FIFO that ``logits`` pops (the head calls ``logits`` once per image, in order).
+    in a FIFO that the classifier pops (the head calls it once per image, in order).
 
     Returns:
         dict with "calls" (number of images seen by ``logits``).
@@ -120,7 +120,7 @@ def _install_oracle(monkeypatch, model, shift=0, scale=100.0):
         return scale * onehot
 
     monkeypatch.setattr(model, "_regions", regions)
-    monkeypatch.setattr(model.roi_heads, "logits", logits)
+    monkeypatch.setattr(model.roi_heads.classifier, "forward", logits)
     return stats
 
 

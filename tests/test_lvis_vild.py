@@ -222,15 +222,15 @@ class _Vocabularies(HookBase):
         self.out = out
 
     def before_train(self):
-        head = self.trainer.model.roi_heads
-        logits = head.logits
+        classifier = self.trainer.model.roi_heads.classifier
+        logits = classifier.forward
 
         def spy(region_embeddings, vocabulary=None):
             out = logits(region_embeddings, vocabulary)
             self.out.append((vocabulary, out.shape[-1]))
             return out
 
-        head.logits = spy
+        classifier.forward = spy
 
 
 def test_tiny_training_uses_the_base_vocabulary(tmp_path):
@@ -239,7 +239,7 @@ def test_tiny_training_uses_the_base_vocabulary(tmp_path):
                    "SOLVER.MAX_ITER", 2, "SOLVER.IMS_PER_BATCH", 2, "SOLVER.CHECKPOINT_PERIOD", 1000,
                    "TEST.EVAL_PERIOD", 0, "SEED", 0)
     trainer = Trainer(cfg)
-    assert trainer.model.roi_heads.vocabularies[name][0] == BASE_NAMES
+    assert trainer.model.roi_heads.classifier.vocabularies[name][0] == BASE_NAMES
     calls = []
     trainer.register_hooks([_Vocabularies(calls)])
     trainer.train()

@@ -212,20 +212,20 @@ def test_training_over_two_datasets(datasets, tmp_path):
                       "TEST.EVAL_PERIOD", 0, "SEED", 0)
     trainer = Trainer(cfg)  # A's class names come from its json: nothing is loaded before the loader
     head = trainer.model.roi_heads
-    widths = {name: head.vocabularies[name][1].shape for name in (a, b)}
+    widths = {name: head.classifier.vocabularies[name][1].shape for name in (a, b)}
     assert widths == {a: (6, head.clip.embed_dim), b: (3, head.clip.embed_dim)}
-    assert head.vocabularies[b][0] == _B_THING_CLASSES
+    assert head.classifier.vocabularies[b][0] == _B_THING_CLASSES
     assert head.class_names == list(SHAPES_CLASSES)  # current vocabulary: DATASETS.TRAIN[0]'s
 
     logits_widths = []
-    logits = head.logits
+    logits = head.classifier.forward
 
     def spy(region_embeddings, vocabulary=None):
         out = logits(region_embeddings, vocabulary)
         logits_widths.append((vocabulary, out.shape[-1]))
         return out
 
-    head.logits = spy
+    head.classifier.forward = spy
     losses = []
     trainer.register_hooks([RecordLoss(losses)])
     trainer.train()
@@ -262,7 +262,7 @@ def test_vocabularies_are_encoded_once(datasets, tmp_path, monkeypatch):
     again = build_model(cfg("one"))
     register_training_vocabularies(again, [a, b])
     for name in (a, b):
-        torch.testing.assert_close(again.roi_heads.vocabularies[name][1], model.roi_heads.vocabularies[name][1])
+        torch.testing.assert_close(again.roi_heads.classifier.vocabularies[name][1], model.roi_heads.classifier.vocabularies[name][1])
 
     # Distributed, as seen by one process: the local main process encodes and writes the cache before
     # the barrier; the other processes wait at the barrier and then only read the cache.
@@ -277,7 +277,7 @@ def test_vocabularies_are_encoded_once(datasets, tmp_path, monkeypatch):
     events.clear()
     other = Trainer.build_model(cfg("two"))
     assert events == ["sync", "sync"]
-    assert set(other.roi_heads.vocabularies) == set(main.roi_heads.vocabularies) == {a, b}
+    assert set(other.roi_heads.classifier.vocabularies) == set(main.roi_heads.classifier.vocabularies) == {a, b}
 
 
 def test_training_datasets_are_registered():
