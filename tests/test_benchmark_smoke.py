@@ -1,26 +1,35 @@
-"""Smoke test of tools/benchmark.py with the tiny random-weight models (CPU; no timing assertions)."""
+"""
+Smoke test of tools/benchmark.py with the tiny random-weight models (CPU; no timing assertions): the rows
+carry the documented keys (regionspot.benchmarking.keys) and our logits agree with the reference's.
+"""
 import json
 import os
 import subprocess
 import sys
 
+from regionspot.benchmarking.keys import (
+    AGREEMENT_FIELDS,
+    BATCH_FIELDS,
+    COMPARE_FIELDS,
+    MACHINE_FIELDS,
+    MASK_MODES,
+    MASK_POSTPROCESS,
+    MEMORY_FIELDS,
+    MEMORY_MODES,
+    MODE_FIELDS,
+    MODES,
+    OURS_EVAL_MASKS,
+    OURS_MODES,
+    OURS_PREDICTOR_MASKS,
+    PHASES,
+    REFERENCE,
+    THROUGHPUT_FIELDS,
+    TOTAL,
+)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARK = os.path.join(REPO_ROOT, "tools", "benchmark.py")
 
-# Legacy view of ours (keys of the first version of the tool), still written per result.
-PHASES = (
-    "sam_encoder",
-    "clip",
-    "prompt_decoding",
-    "fusion_head",
-    "mask_postprocess",
-    "total",
-    "eval_path_total",
-)
-MODES = ("reference", "ours_eval_masks", "ours_predictor_masks", "ours_cls_only")
-# Phases every mode reports; the modes with masks also report mask_postprocess.
-MODE_PHASES = ("sam_encoder", "clip", "mask_decoder", "fusion_head", "other", "total")
-MEMORY_MODES = ("reference", "ours_eval_masks", "ours_cls_only")
 NUM_BOXES = (0, 1, 3)
 MEMORY_N = (3,)
 LOGITS_TOL = 1e-4
@@ -53,52 +62,50 @@ def test_benchmark_tiny_smoke(tmp_path):
         assert mode in proc.stdout, mode
     assert "speed-up" in proc.stdout and "logits max-abs-diff" in proc.stdout and "peak" in proc.stdout
 
-    for key in ("cpu_model", "cpu_count", "torch_num_threads", "torch_version", "device_name", "load_average_at_start"):
-        assert key in data["machine"], key
+    assert set(MACHINE_FIELDS) <= set(data["machine"]), data["machine"].keys()
     assert data["machine"]["torch_num_threads"] == 1
+    assert list(data["phases"]) == list(PHASES)
+    assert list(data["modes"]) == list(MODES)
 
     results = data["results"]
     assert [r["num_boxes"] for r in results] == list(NUM_BOXES)
     for r in results:
         assert "error" not in r, r
+        assert set(COMPARE_FIELDS) <= set(r), set(COMPARE_FIELDS) - set(r)
         assert r["variant"] == "tiny"
         assert r["kind"] == "compare"
         assert r["reference_weights_identical"] is True
-        # Per-mode entries with phase keys.
+        # Per-mode entries: every phase of the vocabulary (mask_postprocess only for modes with masks).
         assert set(r["modes"]) == set(MODES), r["modes"].keys()
         for mode in MODES:
             m = r["modes"][mode]
-            expected = set(MODE_PHASES) | ({"mask_postprocess"} if mode != "ours_cls_only" else set())
-            assert expected <= set(m["phases_ms"]), (mode, m["phases_ms"].keys())
+            assert set(MODE_FIELDS) <= set(m), (mode, m.keys())
+            expected = set(PHASES) - ({MASK_POSTPROCESS} if mode not in MASK_MODES else set())
+            assert expected <= set(m["phases_ms"]) <= set(PHASES), (mode, m["phases_ms"].keys())
+            assert set(m["phases_ms_runs"]) == set(m["phases_ms"])
             for phase, ms in m["phases_ms"].items():
                 assert ms >= 0.0, (mode, phase, ms)
                 assert len(m["phases_ms_runs"][phase]) == 1
-            assert m["total_ms"] > 0.0
+            assert m["phases_ms"][TOTAL] > 0.0
             assert m["speedup_vs_reference"] > 0.0
         # Agreement with the reference: logits to 1e-4 in fp32, masks compared pixel by pixel.
         a = r["agreement"]
+        assert set(AGREEMENT_FIELDS) <= set(a), set(AGREEMENT_FIELDS) - set(a)
         assert a["logits_tolerance"] == LOGITS_TOL
-        for mode in MODES[1:]:
+        assert set(a["logits_max_abs_diff"]) == set(OURS_MODES)
+        for mode in OURS_MODES:
             assert a["logits_max_abs_diff"][mode] < LOGITS_TOL, (mode, a["logits_max_abs_diff"])
         assert a["logits_max_abs_diff_max"] < LOGITS_TOL
         assert a["logits_within_tolerance"] is True
-        for mode in ("ours_predictor_masks", "ours_eval_masks"):
-            assert 0.0 <= a["mask_pixels_differing_fraction"][mode] <= 1.0
-        assert a["mask_pixels_compared"]["ours_predictor_masks"] == r["num_boxes"] * r["image_hw"][0] * r["image_hw"][1]
+        for mode in (OURS_PREDICTOR_MASKS, OURS_EVAL_MASKS):
+            assert 0.0 <= a["mask_pixels_differing_fraction"][mode] <= 1e-3, (mode, a["mask_pixels_differing_fraction"])
+        assert a["mask_pixels_compared"][OURS_PREDICTOR_MASKS] == r["num_boxes"] * r["image_hw"][0] * r["image_hw"][1]
         assert a["eval_num_detections"] <= r["num_boxes"] * r["num_classes"]
 
-        # Legacy fields of the first version.
-        assert set(PHASES) <= set(r["phases_ms"]), r["phases_ms"].keys()
-        for phase in PHASES:
-            assert r["phases_ms"][phase] >= 0.0, (phase, r["phases_ms"][phase])
-            assert len(r["phases_ms_runs"][phase]) == 1
-        assert r["phases_ms"]["total"] > 0.0
-        assert r["phases_ms"]["eval_path_total"] > 0.0
         assert r["build_s"] > 0.0
         assert 0.0 <= r["vocabulary_s"] <= r["build_s"]
         assert r["rss_after_build_mb"] > 0.0
         assert r["peak_rss_mb"] > 0.0
-        assert "peak_rss_growth_mb" in r
         assert r["image_hw"][0] > 0 and r["image_hw"][1] > 0
 
     # Memory: one subprocess per (N, mode); the reference one runs the stock SAM.
@@ -108,11 +115,11 @@ def test_benchmark_tiny_smoke(tmp_path):
     )
     for m in memory:
         assert "error" not in m, m
+        assert set(MEMORY_FIELDS) <= set(m), set(MEMORY_FIELDS) - set(m)
         assert m["kind"] == "memory"
-        assert m["sam_fast_path"] is (m["mode"] != "reference")
+        assert m["sam_fast_path"] is (m["mode"] != REFERENCE)
         assert m["rss_after_build_mb"] > 0.0
         assert m["peak_rss_mb"] > 0.0
-        assert "peak_rss_growth_mb" in m
         assert m["run_ms"] > 0.0
 
 
@@ -121,10 +128,10 @@ def test_benchmark_skip_reference_above(tmp_path):
     _, data = _run_benchmark(tmp_path, "--num-boxes", "2", "--no-memory", "--memory-n", "2", "--skip-reference-above", "1")
     (r,) = data["results"]
     assert "error" not in r, r
-    assert set(r["modes"]) == set(MODES[1:])
+    assert set(r["modes"]) == set(OURS_MODES)
     assert r["agreement"] is None
     assert "reference_skipped" in r
-    assert sorted(m["mode"] for m in data["memory"]) == sorted(MEMORY_MODES[1:])
+    assert sorted(m["mode"] for m in data["memory"]) == sorted(m for m in MEMORY_MODES if m != REFERENCE)
 
 
 def test_benchmark_reduced_precision_and_throughput(tmp_path):
@@ -149,9 +156,11 @@ def test_benchmark_reduced_precision_and_throughput(tmp_path):
 
     (t,) = data["throughput"]
     assert "error" not in t, t
+    assert set(THROUGHPUT_FIELDS) <= set(t), t.keys()
     assert t["kind"] == "throughput" and t["precision"] == "bf16" and t["num_boxes"] == 3
     assert [b["images_per_call"] for b in t["batches"]] == [1, 2]
     for b in t["batches"]:
+        assert set(BATCH_FIELDS) <= set(b), b.keys()
         assert b["call_s"] > 0.0
         assert abs(b["images_per_s"] - b["images_per_call"] / b["call_s"]) < 1e-9
     assert t["batches"][0]["images_per_s_vs_first"] == 1.0
