@@ -21,9 +21,11 @@ from detectron2.data.datasets import register_lvis_instances
 from detectron2.evaluation import LVISEvaluator
 from detectron2.structures import Boxes, Instances
 
-import regionspot  # noqa: F401  (restores np.float for lvis 0.5.3)
 from conftest import REPO_ROOT
+from regionspot.data.lvis import patch_lvis_numpy
 from regionspot.evaluation.fixed_ap import METRICS, RESULTS_FILE, LVISFixedAPEvaluator
+
+patch_lvis_numpy()  # these tests run detectron2's LVISEvaluator and the LVIS API directly
 
 # ------------------------------------------------------------------------------------------------
 # Ground truth by hand: 4 images of 200 x 200, one category per frequency group. The category ids

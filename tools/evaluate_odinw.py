@@ -36,7 +36,7 @@ import regionspot  # noqa: F401  (registers the meta-architecture, head and data
 from regionspot import RegionSpotCheckpointer
 from regionspot.checkpoint import check_head_weights
 from regionspot.config import get_regionspot_cfg
-from regionspot.data.io import atomic_write_bytes
+from regionspot.data.atomic_files import atomic_write_bytes
 from regionspot.engine import local_main_process_first
 from regionspot.data.odinw import (
     BENCHMARK_SPLIT,

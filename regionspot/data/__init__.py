@@ -23,8 +23,6 @@ register_training_datasets()
 register_lvis_vild()
 # registers odinw13_<dataset>_{val,minival,test} (GLIP's ODinW release under $DETECTRON2_DATASETS/odinw/)
 register_odinw()
-# lets lvis==0.5.3 evaluate with numpy >= 1.24 (restores np.float)
-patch_lvis_numpy()
 
 __all__ = [
     "RegionSpotTestMapper",

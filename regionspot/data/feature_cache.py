@@ -65,7 +65,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
 
-from .io import atomic_write_bytes
+from .atomic_files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

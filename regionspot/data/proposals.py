@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from detectron2.structures import BoxMode
 
-from .io import atomic_write_bytes
+from .atomic_files import atomic_write_bytes
 
 __all__ = ["detections_to_proposals", "load_coco_detections", "save_proposals", "score_logits", "SCORE_EPS"]
 

@@ -22,7 +22,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from .io import atomic_write_bytes
+from .atomic_files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

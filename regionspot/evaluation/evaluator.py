@@ -32,6 +32,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
 from ..data.mappers import build_regionspot_test_loader
+from ..data.lvis import patch_lvis_numpy
 from ..data.multi_dataset import dataset_class_names
 from .protocol_card import build_protocol_card, write_protocol_cards
 
@@ -80,6 +81,7 @@ def build_regionspot_evaluator(cfg, dataset_name: str, output_folder: Optional[s
             dataset_name, topk_per_class=cfg.MODEL.REGIONSPOT.EVAL.FIXED_AP_TOPK_PER_CLASS, output_dir=output_folder
         )
     if evaluator_type == "lvis":
+        patch_lvis_numpy()  # detectron2's LVISEvaluator runs lvis==0.5.3's LVISEval
         return LVISEvaluator(dataset_name, output_dir=output_folder)
     if evaluator_type == "coco":
         return COCOEvaluator(dataset_name, output_dir=output_folder)

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 from detectron2.data import MetadataCatalog
 
-from ..data.io import atomic_write_bytes
+from ..data.atomic_files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
