@@ -419,17 +419,25 @@ def build_demo_model(cfg):
     from regionspot.checkpoint import check_head_weights
     from regionspot.modeling import load_head_weights
 
+    # Config and weight-file problems are reported with their message (they name the key and the fix).
     try:
         check_head_weights(cfg)  # before the vocabulary is encoded
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    model = build_model(cfg)
-    model.eval()
-    if cfg.MODEL.WEIGHTS:
-        RegionSpotCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    if cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS:  # MODEL.WEIGHTS was the detector's (GeneralizedRCNN recipes)
-        load_head_weights(model, cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS)
-    check_head_weights(cfg, model)
+        model = build_model(cfg)
+        model.eval()
+        if cfg.MODEL.WEIGHTS:
+            RegionSpotCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        if cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS:  # MODEL.WEIGHTS was the detector's (GeneralizedRCNN recipes)
+            load_head_weights(model, cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS)
+        check_head_weights(cfg, model)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    except OSError as e:  # a URL (detectron2://, https://) that cannot be downloaded here
+        rs = cfg.MODEL.REGIONSPOT
+        urls = [w for w in (cfg.MODEL.WEIGHTS, rs.HEAD_WEIGHTS, rs.DETECTOR.WEIGHTS) if "://" in w]
+        raise UsageError(
+            f"Could not fetch {' / '.join(urls) or 'a weight file'}: {e}. Download it and give its path "
+            "(--detector-weights for the detector, --opts MODEL.WEIGHTS for RegionSpot)."
+        ) from e
     return model
 
 
