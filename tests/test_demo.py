@@ -83,7 +83,7 @@ def test_demo_with_boxes_json(images, env, tmp_path):
     ]
     proc, log = _run(DEMO, args, env)
     assert proc.returncode == 0, log
-    assert "RANDOM_INIT_FROZEN" in log  # the random stand-in weights are announced
+    assert "RANDOM_INIT" in log  # the random stand-in weights are announced (MODEL.REGIONSPOT.*RANDOM_INIT*)
     vis = cv2.imread(str(out / "astronaut.png"))
     assert vis is not None and vis.shape == images["astronaut"].shape
     assert not np.array_equal(vis[:, :, ::-1], images["astronaut"])  # something was drawn
