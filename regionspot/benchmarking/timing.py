@@ -94,6 +94,14 @@ def method_owner(head, method: str):
     return head
 
 
+def classify(head, region_embeddings):
+    """[..., D_t] region embeddings -> [..., C] logits, as the head's own pipelines compute them."""
+    classifier = getattr(head, "classifier", None)
+    if classifier is not None:
+        return classifier(region_embeddings)
+    return head.logits(region_embeddings)
+
+
 def head_attribute(head, name: str, default=None):
     """``head.name``, else ``head.classifier.name``, else ``default``."""
     if hasattr(head, name):
@@ -109,7 +117,15 @@ def instrument_head(head, recorder: PhaseRecorder) -> None:
     instrument(head.sam, "decode_prompts", recorder, MASK_DECODER)
     instrument(head.sam, "postprocess_masks", recorder, MASK_POSTPROCESS)
     instrument(method_owner(head, "region_embeddings"), "region_embeddings", recorder, FUSION_HEAD)
-    instrument(method_owner(head, "logits"), "logits", recorder, FUSION_HEAD, capture="logits")
+    classifier = getattr(head, "classifier", None)
+    if classifier is None:
+        instrument(head, "logits", recorder, FUSION_HEAD, capture="logits")
+        return
+    # The head calls its classifier module (``classifier(region_embeddings)``, i.e. its forward);
+    # a ``logits`` method of the classifier is timed too.
+    instrument(classifier, "forward", recorder, FUSION_HEAD, capture="logits")
+    if callable(getattr(type(classifier), "logits", None)):
+        instrument(classifier, "logits", recorder, FUSION_HEAD, capture="logits")
 
 
 def summarise_runs(runs: List[Dict[str, float]]) -> dict:

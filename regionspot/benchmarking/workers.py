@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from .inputs import DEFAULT_VOCABULARY, VARIANT_CONFIGS, build_cfg, load_image, lvis_vocabulary, random_boxes
+from .inputs import DEFAULT_VOCABULARY, VARIANT_CONFIGS, build_cfg, load_image, lvis_vocabulary, option, random_boxes
 from .keys import (
     KIND_COMPARE,
     KIND_MEMORY,
@@ -178,7 +178,7 @@ def run_compare(spec: dict) -> dict:
     reference = None
     if run_reference:
         t0 = time.perf_counter()
-        reference = ReferencePipeline(build_reference_sam(head, rs.SAM.TYPE, rs.RANDOM_INIT_SEED), head, recorder)
+        reference = ReferencePipeline(build_reference_sam(head, rs.SAM.TYPE, option(ctx["cfg"], "RANDOM_INIT_SEED")), head, recorder)
         result["reference_build_s"] = time.perf_counter() - t0
         result["reference_weights_identical"] = True
     else:
@@ -257,12 +257,13 @@ def run_startup(spec: dict) -> dict:
     repeats = max(int(spec["repeats"]), 5)
     cfg = build_cfg(spec["variant"], device, "", DEFAULT_VOCABULARY)
     rs = cfg.MODEL.REGIONSPOT
-    batch = rs.TEXT_BATCH_SIZE
+    batch = option(cfg, "TEXT_BATCH_SIZE")
+    seed = option(cfg, "RANDOM_INIT_SEED")
     templates = te.PROMPT_TEMPLATES
     t0 = time.perf_counter()
-    real = ClipDenseFeatures(build_clip(rs.CLIP.TYPE, "", True, rs.RANDOM_INIT_SEED + 1), rs.CLIP.INPUT_SIZE).to(device)
+    real = ClipDenseFeatures(build_clip(rs.CLIP.TYPE, "", True, seed + 1), rs.CLIP.INPUT_SIZE).to(device)
     real_build_s = time.perf_counter() - t0
-    tiny = ClipDenseFeatures(build_clip("tiny", "", True, rs.RANDOM_INIT_SEED + 1), 64).to(device)
+    tiny = ClipDenseFeatures(build_clip("tiny", "", True, seed + 1), 64).to(device)
     names = lvis_vocabulary()
     k = max(1, min(int(spec["startup_classes"]), len(names)))
     subset = names[:k]
