@@ -50,21 +50,19 @@ import time
 import numpy as np
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.data.datasets import register_coco_instances
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset
+from detectron2.modeling import build_model
 
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader  # noqa: E402
-from detectron2.data.datasets import register_coco_instances  # noqa: E402
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-
-import regionspot  # noqa: E402,F401  (registers the meta-architecture and head)
-from regionspot.config import get_regionspot_cfg  # noqa: E402
-from regionspot.data.mappers import build_regionspot_test_mapper, evaluation_loader_workers  # noqa: E402
-from regionspot.evaluation import evaluator as evaluator_module  # noqa: E402
-from regionspot.data.multi_dataset import dataset_class_names  # noqa: E402
-from regionspot.evaluation.evaluator import OverlappedEvaluator, build_evaluation_loader, process_outputs  # noqa: E402
-from benchmark import cpu_model  # noqa: E402  (tools/ is the script's folder)
+import regionspot  # noqa: F401  (registers the meta-architecture and head)
+from regionspot.benchmarking import cpu_model
+from regionspot.benchmarking.inputs import REPO_ROOT
+from regionspot.config import get_regionspot_cfg
+from regionspot.data.mappers import build_regionspot_test_mapper, evaluation_loader_workers
+from regionspot.evaluation import evaluator as evaluator_module
+from regionspot.data.multi_dataset import dataset_class_names
+from regionspot.evaluation.evaluator import OverlappedEvaluator, build_evaluation_loader, process_outputs
 
 CONFIGS = {"BB": "configs/Base-RegionSpot-BB.yaml", "BL": "configs/Base-RegionSpot-BL.yaml"}
 DATASET = "regionspot_benchmark_eval"

@@ -35,19 +35,16 @@ import sys
 import tempfile
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+import numpy as np
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import transforms as T  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-
-import regionspot  # noqa: E402
-from regionspot.modeling.meta_arch import rescale_results  # noqa: E402
-from benchmark import cpu_model  # noqa: E402  (tools/ is the script's folder)
+import regionspot
+from regionspot.benchmarking import cpu_model
+from regionspot.benchmarking.inputs import REPO_ROOT
+from regionspot.modeling.meta_arch import rescale_results
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "Base-RegionSpot-BB.yaml")
 VOCABULARY = ("person", "rocket", "flag", "cup", "coffee", "spoon", "plate", "table")

@@ -39,10 +39,9 @@ import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-from benchmark import cpu_model  # noqa: E402  (tools/ is the script's folder)
+from regionspot.benchmarking import cpu_model
 
 logger = logging.getLogger("benchmark_text")
 

@@ -13,7 +13,6 @@ image). Reports images/s of each mode, the speed-up and the one-off extraction r
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
 import regionspot  # noqa: E402
+from regionspot.benchmarking import cpu_model  # noqa: E402
 from regionspot.engine import build_train_loader  # noqa: E402
 from regionspot.data.shapes import SHAPES_CLASSES, generate_shapes_split  # noqa: E402
 from regionspot.solver import build_regionspot_optimizer  # noqa: E402
@@ -145,8 +145,7 @@ def main(argv=None):
     if DATASET not in DatasetCatalog.list():
         DatasetCatalog.register(DATASET, lambda: dicts)
         MetadataCatalog.get(DATASET).set(thing_classes=list(SHAPES_CLASSES), evaluator_type="coco")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = cpu_model()
     print(f"CPU: {cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.device.startswith("cuda"):
         print(f"Device: {torch.cuda.get_device_name(torch.device(args.device))}, CUDA {torch.version.cuda}")
