@@ -27,8 +27,8 @@ and its checkpointer, feeds each image to ``model(...)``, draws the results with
   (``BOX_SOURCE GENERATOR``) or a ``RegionSpotRelabel`` / ``GeneralizedRCNN`` recipe of
   ``projects/RegionSpot/configs/``.
 
-Each region keeps its best class (``MODEL.REGIONSPOT.SCORING per_region``); its score is the class
-probability (softmax over the vocabulary) times the box's own score (``USE_BOX_SCORES``: the JSON's
+Each region keeps its best class (``MODEL.REGIONSPOT.SCORE.MODE per_region``); its score is the class
+probability (softmax over the vocabulary) times the box's own score (``SCORE.USE_BOX_SCORES``: the JSON's
 5th number, the detector's score, SAM's predicted IoU; 1 without one). Regions below
 ``--confidence-threshold`` are dropped. Images are given to the model as its test loader would
 (``INPUT.FORMAT``, resized as ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` say), and the results come
@@ -362,9 +362,9 @@ def setup_cfg(args, class_names):
         rs.BOX_SOURCE = "PROPOSALS"
         cfg.MODEL.LOAD_PROPOSALS = True
     # One result per region, its best class x the box's score; every region above the threshold.
-    rs.SCORING = "per_region"
-    rs.USE_BOX_SCORES = True
-    rs.MASK_ON = not args.no_masks
+    rs.SCORE.MODE = "per_region"
+    rs.SCORE.USE_BOX_SCORES = True
+    rs.MASK.ENABLED = not args.no_masks
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.TEST.DETECTIONS_PER_IMAGE = 0
     try:
@@ -372,8 +372,8 @@ def setup_cfg(args, class_names):
     except (KeyError, ValueError, AssertionError) as e:
         raise UsageError(f"--opts {' '.join(args.opts)}: {e}") from None
     # The model is built with the demo's vocabulary directly (no encoding of the config's dataset).
-    rs.VOCABULARY = "custom"
-    rs.CUSTOM_VOCABULARY = list(class_names)
+    rs.VOCAB.SOURCE = "custom"
+    rs.VOCAB.CUSTOM = list(class_names)
     if args.cpu:
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
@@ -426,14 +426,14 @@ def build_demo_model(cfg):
         model.eval()
         if cfg.MODEL.WEIGHTS:
             RegionSpotCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-        if cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS:  # MODEL.WEIGHTS was the detector's (GeneralizedRCNN recipes)
-            load_head_weights(model, cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS)
+        if cfg.MODEL.REGIONSPOT.HEAD.WEIGHTS:  # MODEL.WEIGHTS was the detector's (GeneralizedRCNN recipes)
+            load_head_weights(model, cfg.MODEL.REGIONSPOT.HEAD.WEIGHTS)
         check_head_weights(cfg, model)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
     except OSError as e:  # a URL (detectron2://, https://) that cannot be downloaded here
         rs = cfg.MODEL.REGIONSPOT
-        urls = [w for w in (cfg.MODEL.WEIGHTS, rs.HEAD_WEIGHTS, rs.DETECTOR.WEIGHTS) if "://" in w]
+        urls = [w for w in (cfg.MODEL.WEIGHTS, rs.HEAD.WEIGHTS, rs.DETECTOR.WEIGHTS) if "://" in w]
         raise UsageError(
             f"Could not fetch {' / '.join(urls) or 'a weight file'}: {e}. Download it and give its path "
             "(--detector-weights for the detector, --opts MODEL.WEIGHTS for RegionSpot)."
@@ -540,9 +540,9 @@ def run(args):
     from regionspot.data.images import ImageReadError, read_image
 
     logger.info(f"Vocabulary: {vocabulary_name}, {len(class_names)} classes")
-    if cfg.MODEL.REGIONSPOT.RANDOM_INIT_FROZEN:
+    if cfg.MODEL.REGIONSPOT.FROZEN.RANDOM_INIT:
         logger.warning(
-            "MODEL.REGIONSPOT.RANDOM_INIT_FROZEN is on: SAM and CLIP have random stand-in weights, so the "
+            "MODEL.REGIONSPOT.FROZEN.RANDOM_INIT is on: SAM and CLIP have random stand-in weights, so the "
             "predictions are meaningless (use real weights, see the README)."
         )
     if source == "boxes":

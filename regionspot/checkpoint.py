@@ -63,16 +63,16 @@ def check_head_weights(cfg, model=None, *, resume: bool = False) -> None:
     """
     Refuse to evaluate a RegionSpot head whose fusion module nothing loads: with random fusion
     weights every score is noise, yet an AP would be printed as if it meant something.
-    ``MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD`` lets tests and smoke runs evaluate the random module.
+    ``MODEL.REGIONSPOT.HEAD.ALLOW_RANDOM`` lets tests and smoke runs evaluate the random module.
 
     Two calls, both cheap:
 
     * ``check_head_weights(cfg, resume=...)`` before the model is built (building encodes the
       vocabulary: minutes for LVIS on a CPU): refuses when nothing could load the module
-      (``MODEL.WEIGHTS`` and ``HEAD_WEIGHTS`` empty, and no checkpoint to resume from);
+      (``MODEL.WEIGHTS`` and ``HEAD.WEIGHTS`` empty, and no checkpoint to resume from);
     * ``check_head_weights(cfg, model)`` after the weights are loaded: ``RegionSpotCheckpointer`` and
       :func:`regionspot.modeling.load_head_weights` record what they loaded, so this also catches a
-      detector's ``MODEL.WEIGHTS`` without ``HEAD_WEIGHTS`` (logs a warning when allowed).
+      detector's ``MODEL.WEIGHTS`` without ``HEAD.WEIGHTS`` (logs a warning when allowed).
 
     Args:
         cfg: the run's config.
@@ -82,44 +82,44 @@ def check_head_weights(cfg, model=None, *, resume: bool = False) -> None:
             is one (``--resume``).
 
     Raises:
-        ValueError: the fusion module has (or would have) random weights and ``ALLOW_RANDOM_HEAD``
+        ValueError: the fusion module has (or would have) random weights and ``HEAD.ALLOW_RANDOM``
             is off.
     """
     rs = cfg.MODEL.REGIONSPOT
     if model is None:
         resumable = resume and PathManager.exists(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
-        if rs.ALLOW_RANDOM_HEAD or cfg.MODEL.WEIGHTS or rs.HEAD_WEIGHTS or resumable:
+        if rs.HEAD.ALLOW_RANDOM or cfg.MODEL.WEIGHTS or rs.HEAD.WEIGHTS or resumable:
             return  # the loaders check the files; the call with the model checks what they loaded
     else:
         _, fusion = _find_fusion(model)
         if fusion is None or getattr(fusion, _SOURCE_ATTR, None):
             return
-        if rs.ALLOW_RANDOM_HEAD:
+        if rs.HEAD.ALLOW_RANDOM:
             logger.warning(
                 "The RegionSpot fusion module has RANDOM weights (nothing loaded it; "
-                "MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD is on): its results mean nothing (fine for tests and smoke runs "
+                "MODEL.REGIONSPOT.HEAD.ALLOW_RANDOM is on): its results mean nothing (fine for tests and smoke runs "
                 "only)."
             )
             return
-    if rs.HEAD_WEIGHTS:
+    if rs.HEAD.WEIGHTS:
         why = (
-            f"MODEL.REGIONSPOT.HEAD_WEIGHTS={rs.HEAD_WEIGHTS!r} is set but was not loaded into the model: call "
-            "regionspot.modeling.load_head_weights(model, cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS) before evaluating"
+            f"MODEL.REGIONSPOT.HEAD.WEIGHTS={rs.HEAD.WEIGHTS!r} is set but was not loaded into the model: call "
+            "regionspot.modeling.load_head_weights(model, cfg.MODEL.REGIONSPOT.HEAD.WEIGHTS) before evaluating"
         )
     elif cfg.MODEL.WEIGHTS:
         why = (
             f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r} did not load the fusion module (it holds no RegionSpot fusion "
             f"weights: a detector's file, loaded as the {type(model).__name__}'s own weights) and "
-            f"MODEL.REGIONSPOT.HEAD_WEIGHTS is empty: set HEAD_WEIGHTS to {REGIONSPOT_CHECKPOINT}"
+            f"MODEL.REGIONSPOT.HEAD.WEIGHTS is empty: set HEAD.WEIGHTS to {REGIONSPOT_CHECKPOINT}"
         )
     else:
         why = (
             f"MODEL.WEIGHTS is empty: set it to {REGIONSPOT_CHECKPOINT} (or, when MODEL.WEIGHTS is a detector's, "
-            "as in the GeneralizedRCNN recipes, set MODEL.REGIONSPOT.HEAD_WEIGHTS to it)"
+            "as in the GeneralizedRCNN recipes, set MODEL.REGIONSPOT.HEAD.WEIGHTS to it)"
         )
     raise ValueError(
         "Refusing to evaluate a RegionSpot head whose fusion module has RANDOM weights (every score and the AP "
-        f"would mean nothing). {why}. For tests and smoke runs only, MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD True "
+        f"would mean nothing). {why}. For tests and smoke runs only, MODEL.REGIONSPOT.HEAD.ALLOW_RANDOM True "
         "evaluates the random module."
     )
 
@@ -138,7 +138,7 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
       model the file seems to be. A file without fusion weights is accepted only by a model that
       hosts the fusion module inside a detector whose other weights the file holds (a
       ``GeneralizedRCNN`` recipe: ``MODEL.WEIGHTS`` is the detector's, the fusion module comes from
-      ``MODEL.REGIONSPOT.HEAD_WEIGHTS``; :func:`check_head_weights` then checks that it did);
+      ``MODEL.REGIONSPOT.HEAD.WEIGHTS``; :func:`check_head_weights` then checks that it did);
     * for a model without a RegionSpot head (e.g. the detector of ``RegionSpotRelabel``), refuses a
       file that shares no tensor name with the model.
 
@@ -243,7 +243,7 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
     def _check_fusion_weights(self, state, held, model_shapes, prefix, checkpoint) -> bool:
         """
         True if ``state`` (converted to our layout) holds every fusion tensor; False for a detector's
-        file loaded into a model hosting the fusion module (its weights must come from HEAD_WEIGHTS).
+        file loaded into a model hosting the fusion module (its weights must come from HEAD.WEIGHTS).
 
         Raises:
             WeightsFileError: part of the fusion tensors, or none in a file that is not the host's.
@@ -265,10 +265,10 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
             )
         others = [k for k in model_shapes if not k.startswith(prefix)]
         if others and (checkpoint.get("matching_heuristics") or any(k in state for k in others)):
-            # A GeneralizedRCNN recipe: the detector's file; the fusion module comes from HEAD_WEIGHTS.
+            # A GeneralizedRCNN recipe: the detector's file; the fusion module comes from HEAD.WEIGHTS.
             logger.warning(
                 f"{key}={path!r} holds no RegionSpot fusion weights: loaded as the {type(self.model).__name__}'s "
-                "own weights. The fusion module stays RANDOM until MODEL.REGIONSPOT.HEAD_WEIGHTS is loaded "
+                "own weights. The fusion module stays RANDOM until MODEL.REGIONSPOT.HEAD.WEIGHTS is loaded "
                 "(regionspot.modeling.load_head_weights)."
             )
             return False

@@ -1,5 +1,70 @@
 """Config namespace ``MODEL.REGIONSPOT`` and the detectron2 defaults RegionSpot relies on."""
+import logging
+
 from detectron2.config import CfgNode as CN
+
+__all__ = ["add_regionspot_config", "get_regionspot_cfg", "upgrade_renamed_keys", "upgrade_renamed_opts", "RENAMED_KEYS"]
+
+logger = logging.getLogger(__name__)
+
+# Keys of MODEL.REGIONSPOT that moved into sub-nodes: old name -> (sub-node, key).
+# get_regionspot_cfg (train_net.py, the tools, the predictor's configs) reads the old names in YAML
+# files and command-line overrides as the new keys, with a logged message naming the new key; a
+# plain cfg.merge_from_file / merge_from_list naming one fails with that message.
+RENAMED_KEYS = {
+    "FROZEN_PRECISION": ("FROZEN", "PRECISION"),
+    "RANDOM_INIT_FROZEN": ("FROZEN", "RANDOM_INIT"),
+    "RANDOM_INIT_SEED": ("FROZEN", "SEED"),
+    "ALLOW_RANDOM_HEAD": ("HEAD", "ALLOW_RANDOM"),
+    "HEAD_WEIGHTS": ("HEAD", "WEIGHTS"),
+    "USE_BOX_SCORES": ("SCORE", "USE_BOX_SCORES"),
+    "SCORING": ("SCORE", "MODE"),
+    "TOPK": ("SCORE", "TOPK"),
+    "BOX_SCORE_ORDER": ("SCORE", "BOX_SCORE_ORDER"),
+    "CLASS_SCORE": ("SCORE", "CLASS_SCORE"),
+    "VOCABULARY": ("VOCAB", "SOURCE"),
+    "CUSTOM_VOCABULARY": ("VOCAB", "CUSTOM"),
+    "TEXT_CACHE_DIR": ("VOCAB", "CACHE_DIR"),
+    "TEXT_BATCH_SIZE": ("VOCAB", "BATCH_SIZE"),
+    "MASK_ON": ("MASK", "ENABLED"),
+    "MASK_SECOND_PASS_MIN_PROMPTS": ("MASK", "SECOND_PASS_MIN_PROMPTS"),
+    "PROMPT_CHUNK_SIZE": ("SAM", "PROMPT_CHUNK_SIZE"),
+    "FOCAL_ALPHA": ("LOSS", "FOCAL_ALPHA"),
+    "FOCAL_GAMMA": ("LOSS", "FOCAL_GAMMA"),
+}
+_told = set()
+
+
+def _renamed(old: str) -> str:
+    node, key = RENAMED_KEYS[old]
+    if old not in _told:
+        _told.add(old)
+        logger.warning(
+            f"MODEL.REGIONSPOT.{old} is now MODEL.REGIONSPOT.{node}.{key}; read as the new key, but write the new "
+            "name in configs and overrides."
+        )
+    return f"{node}.{key}"
+
+
+def upgrade_renamed_keys(config: dict) -> dict:
+    """A loaded YAML (nested dict) with the old names of :data:`RENAMED_KEYS` moved to their new keys."""
+    section = config.get("MODEL", {}).get("REGIONSPOT") if isinstance(config.get("MODEL"), dict) else None
+    if not isinstance(section, dict):
+        return config
+    for old in [k for k in section if k in RENAMED_KEYS]:
+        node, key = _renamed(old).split(".")
+        section.setdefault(node, {})[key] = section.pop(old)
+    return config
+
+
+def upgrade_renamed_opts(opts) -> list:
+    """KEY VALUE overrides with the old names of :data:`RENAMED_KEYS` replaced by the new ones."""
+    opts = list(opts)
+    for i in range(0, len(opts) - 1, 2):
+        parts = str(opts[i]).split(".")
+        if len(parts) == 3 and parts[:2] == ["MODEL", "REGIONSPOT"] and parts[2] in RENAMED_KEYS:
+            opts[i] = "MODEL.REGIONSPOT." + _renamed(parts[2])
+    return opts
 
 
 def add_regionspot_config(cfg):
@@ -42,22 +107,32 @@ def add_regionspot_config(cfg):
     # evaluation under torchvision < 0.17, True their evaluation under torchvision >= 0.17.
     rs.CLIP.RESIZE_ANTIALIAS = False
 
+    # Region prompts decoded by SAM's mask decoder at once (bounds memory for many boxes: each
+    # prompt carries its own copy of the 64x64x256 image tokens through the decoder).
+    rs.SAM.PROMPT_CHUNK_SIZE = 32
+
+    rs.FROZEN = CN()
     # Precision of the frozen SAM and CLIP forwards: "fp32", or autocast to "fp16" / "bf16" on the
     # model's device (GPU: the authors ran CLIP in fp16; outputs then agree only to that precision).
     # The text embeddings are encoded in fp32 regardless, so the cache does not depend on it.
     # SOLVER.AMP.ENABLED (detectron2's AMPTrainer, CUDA only) applies to the trained fusion module;
     # the frozen models follow this key even inside its autocast ("fp32" keeps them in fp32).
-    rs.FROZEN_PRECISION = "fp32"
-
+    rs.FROZEN.PRECISION = "fp32"
     # Build SAM and CLIP with seeded random weights when their WEIGHTS are empty. For tests,
     # benchmarks and the built-in quickstart only: such a model recognises nothing real.
-    rs.RANDOM_INIT_FROZEN = False
-    # Seed of those random weights.
-    rs.RANDOM_INIT_SEED = 0
+    rs.FROZEN.RANDOM_INIT = False
+    # Seed of those random weights (SAM's; CLIP's is SEED + 1).
+    rs.FROZEN.SEED = 0
+
+    rs.HEAD = CN()
+    # RegionSpot checkpoint (fusion module; ours or the released layout) loaded by
+    # regionspot.modeling.load_head_weights when MODEL.WEIGHTS holds another file, e.g. the
+    # detector's in a GeneralizedRCNN recipe (projects/RegionSpot). Empty: none.
+    rs.HEAD.WEIGHTS = ""
     # Evaluate a fusion module with random weights when nothing loads it (MODEL.WEIGHTS empty and no
-    # HEAD_WEIGHTS); otherwise such an evaluation is refused (regionspot.checkpoint.check_head_weights),
+    # HEAD.WEIGHTS); otherwise such an evaluation is refused (regionspot.checkpoint.check_head_weights),
     # since its AP means nothing. Tests / smoke runs only.
-    rs.ALLOW_RANDOM_HEAD = False
+    rs.HEAD.ALLOW_RANDOM = False
 
     rs.DECODER = CN()
     # Number of post-norm transformer decoder layers of the fusion module.
@@ -74,26 +149,27 @@ def add_regionspot_config(cfg):
     # proposals: set MODEL.LOAD_PROPOSALS and DATASETS.PROPOSAL_FILES_TEST) or "GENERATOR" (the
     # proposal generator MODEL.PROPOSAL_GENERATOR.NAME, e.g. SamAutomaticProposals).
     rs.BOX_SOURCE = "GT"
+
+    # How detections are made from the regions' class scores.
+    rs.SCORE = CN()
+    # "topk_pairs": the top TOPK (region, class) pairs of the image (one box may appear with several
+    #               classes), the authors' protocol;
+    # "per_region": one detection per region with its best class.
+    rs.SCORE.MODE = "topk_pairs"
+    # k of "topk_pairs" (the authors use 900); TEST.DETECTIONS_PER_IMAGE is applied after it.
+    rs.SCORE.TOPK = 900
     # Multiply class probabilities by the box's own score (sigmoid of the proposal's
     # objectness_logits), as the authors do with GLIP boxes. Ignored for GT boxes.
-    rs.USE_BOX_SCORES = True
-
-    # How detections are made from region x class probabilities:
-    # "topk_pairs": softmax over classes, then the top TOPK (region, class) pairs of the image
-    #               (one box may appear with several classes), the authors' protocol;
-    # "per_region": softmax over classes, one detection per region with its best class.
-    rs.SCORING = "topk_pairs"
-    # k of "topk_pairs" (the authors use 900); TEST.DETECTIONS_PER_IMAGE is applied after it.
-    rs.TOPK = 900
+    rs.SCORE.USE_BOX_SCORES = True
     # When box scores multiply the class probabilities (USE_BOX_SCORES with detector boxes):
     # "after_topk": the top TOPK pairs by class probability first, then times the box score, then
     #               sorted by the product (the authors' evaluation);
     # "before_topk": the top TOPK pairs by box score x class probability.
-    rs.BOX_SCORE_ORDER = "after_topk"
+    rs.SCORE.BOX_SCORE_ORDER = "after_topk"
     # How region logits become class scores: "softmax" over the vocabulary (the authors' evaluation; a
     # one-class vocabulary then scores every region 1.0) or "sigmoid" of each class's logit on its own
     # (what the focal loss trains; not the authors' protocol, may saturate at CLIP's logit scale 100).
-    rs.CLASS_SCORE = "softmax"
+    rs.SCORE.CLASS_SCORE = "softmax"
 
     # Test-time image-scale protocol. With INPUT.MIN_SIZE_TEST > 0 the test mapper first resizes the
     # image as detectron2's default test mapper does (ResizeShortestEdge(MIN_SIZE_TEST,
@@ -123,40 +199,35 @@ def add_regionspot_config(cfg):
     # K of fixed AP: detections kept per class over the dataset (10,000 in Dave et al.).
     rs.EVAL.FIXED_AP_TOPK_PER_CLASS = 10000
 
-    # Vocabulary: "dataset" (thing_classes of the first DATASETS.TEST / DATASETS.TRAIN entry) or
-    # "custom" (CUSTOM_VOCABULARY).
-    rs.VOCABULARY = "dataset"
-    # Class names used when VOCABULARY = "custom".
-    rs.CUSTOM_VOCABULARY = []
+    rs.VOCAB = CN()
+    # Where the class names come from: "dataset" (thing_classes of the first DATASETS.TEST /
+    # DATASETS.TRAIN entry) or "custom" (CUSTOM).
+    rs.VOCAB.SOURCE = "dataset"
+    # Class names used when SOURCE = "custom".
+    rs.VOCAB.CUSTOM = []
     # Directory of the text-embedding cache (keyed by CLIP weights, templates and names).
     # Empty: $REGIONSPOT_CACHE or ~/.cache/regionspot.
-    rs.TEXT_CACHE_DIR = ""
+    rs.VOCAB.CACHE_DIR = ""
     # Sentences encoded per CLIP text forward when building a vocabulary.
-    rs.TEXT_BATCH_SIZE = 256
+    rs.VOCAB.BATCH_SIZE = 256
 
+    rs.MASK = CN()
     # Return SAM masks (pred_masks). Disable for box-only evaluation to skip mask up-sampling.
-    rs.MASK_ON = True
-    # Region prompts decoded by SAM's mask decoder at once (bounds memory for many boxes: each
-    # prompt carries its own copy of the 64x64x256 image tokens through the decoder).
-    rs.PROMPT_CHUNK_SIZE = 32
+    rs.MASK.ENABLED = True
     # With at least this many prompts in an image, masks are decoded in a second pass for the
     # regions that survive scoring only, instead of keeping every region's mask logits (memory then
     # stays flat as the prompts grow; each kept region is decoded twice). 0 disables the second pass.
-    rs.MASK_SECOND_PASS_MIN_PROMPTS = 400
+    rs.MASK.SECOND_PASS_MIN_PROMPTS = 400
 
-    # Focal loss of training (reference: alpha 0.25, gamma 2).
-    rs.FOCAL_ALPHA = 0.25
-    rs.FOCAL_GAMMA = 2.0
+    rs.LOSS = CN()
+    # Sigmoid focal loss of training (reference: alpha 0.25, gamma 2).
+    rs.LOSS.FOCAL_ALPHA = 0.25
+    rs.LOSS.FOCAL_GAMMA = 2.0
 
     rs.FEATURE_CACHE = CN()
     # Directory of a feature cache written by tools/extract_features.py. When set, training reads
     # SAM region tokens and CLIP feature maps from it and never runs SAM or CLIP.
     rs.FEATURE_CACHE.DIR = ""
-
-    # RegionSpot checkpoint (fusion module; ours or the released layout) loaded by
-    # regionspot.modeling.relabel.load_head_weights when MODEL.WEIGHTS holds another file, e.g. the
-    # detector's in a GeneralizedRCNN recipe (projects/RegionSpot). Empty: none.
-    rs.HEAD_WEIGHTS = ""
 
     rs.DETECTOR = CN()
     # Config of the stock detector whose boxes the RegionSpotRelabel meta-architecture re-labels: a
@@ -189,6 +260,14 @@ def add_regionspot_config(cfg):
 
     # Optimizer of the fusion module: "ADAMW" (the authors' recipe) or "SGD" (detectron2's default).
     _C.SOLVER.OPTIMIZER = "ADAMW"
+
+    # Old names of moved keys: a merge naming one (cfg.merge_from_file / merge_from_list) fails with a
+    # message naming the new key; get_regionspot_cfg reads them as the new keys.
+    for old, (node, key) in RENAMED_KEYS.items():
+        _C.register_renamed_key(
+            f"MODEL.REGIONSPOT.{old}", f"MODEL.REGIONSPOT.{node}.{key}",
+            "Use the new name, or load the config with regionspot.config.get_regionspot_cfg, which reads old names.",
+        )
     return cfg
 
 
@@ -208,6 +287,11 @@ def get_regionspot_cfg(config_file: str = "", opts=()):
     if config_file:
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"Config file not found: {config_file!r} (--config-file).")
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+        # detectron2's merge_from_file, with the old key names of the file (and its _BASE_ files) read.
+        loaded = type(cfg)(upgrade_renamed_keys(cfg.load_yaml_with_base(config_file, allow_unsafe=True)))
+        if loaded.get("VERSION", cfg.VERSION) == cfg.VERSION:
+            cfg.merge_from_other_cfg(loaded)
+        else:  # an older detectron2 config version: detectron2 upgrades it
+            cfg.merge_from_file(config_file)
+    cfg.merge_from_list(upgrade_renamed_opts(opts))
     return cfg

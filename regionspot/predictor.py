@@ -69,7 +69,7 @@ class RegionSpotPredictor:
         self.model.eval()
         if self.cfg.MODEL.WEIGHTS:
             RegionSpotCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
-        # A fusion module nothing loaded is refused unless MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD says so.
+        # A fusion module nothing loaded is refused unless MODEL.REGIONSPOT.HEAD.ALLOW_RANDOM says so.
         check_head_weights(self.cfg, self.model)
         self.head = self.model.roi_heads
         self._state = None

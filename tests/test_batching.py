@@ -49,8 +49,8 @@ def test_batched_forward_and_loss_equal_per_image(photo):
 def test_mask_second_pass_equals_one_pass(photo):
     """Masks decoded again for the surviving regions only equal the masks kept from one pass."""
     torch.manual_seed(0)
-    one = build_model(tiny_cfg("MODEL.REGIONSPOT.MASK_SECOND_PASS_MIN_PROMPTS", 0, "MODEL.REGIONSPOT.TOPK", 5)).eval()
-    two = build_model(tiny_cfg("MODEL.REGIONSPOT.MASK_SECOND_PASS_MIN_PROMPTS", 1, "MODEL.REGIONSPOT.TOPK", 5)).eval()
+    one = build_model(tiny_cfg("MODEL.REGIONSPOT.MASK.SECOND_PASS_MIN_PROMPTS", 0, "MODEL.REGIONSPOT.SCORE.TOPK", 5)).eval()
+    two = build_model(tiny_cfg("MODEL.REGIONSPOT.MASK.SECOND_PASS_MIN_PROMPTS", 1, "MODEL.REGIONSPOT.SCORE.TOPK", 5)).eval()
     two.load_state_dict(one.state_dict())
     rng = np.random.RandomState(0)
     xy = rng.rand(12, 2) * 150

@@ -55,10 +55,10 @@ def test_bad_settings_fail_clearly():
         build_model(tiny_cfg("MODEL.REGIONSPOT.BOX_SOURCE", "BOXES"))
     with pytest.raises(ValueError, match="LOAD_PROPOSALS"):
         build_model(tiny_cfg("MODEL.REGIONSPOT.BOX_SOURCE", "PROPOSALS"))
-    with pytest.raises(ValueError, match="SCORING"):
-        build_model(tiny_cfg("MODEL.REGIONSPOT.SCORING", "max"))
-    with pytest.raises(ValueError, match="CUSTOM_VOCABULARY is empty"):
-        build_model(tiny_cfg("MODEL.REGIONSPOT.VOCABULARY", "custom"))
+    with pytest.raises(ValueError, match=r"SCORE\.MODE"):
+        build_model(tiny_cfg("MODEL.REGIONSPOT.SCORE.MODE", "max"))
+    with pytest.raises(ValueError, match=r"VOCAB\.CUSTOM is empty"):
+        build_model(tiny_cfg("MODEL.REGIONSPOT.VOCAB.SOURCE", "custom"))
 
 
 def test_missing_config_file_is_named(tmp_path):
@@ -67,3 +67,25 @@ def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         get_regionspot_cfg(str(tmp_path / "nope.yaml"))
     assert get_regionspot_cfg(TINY_CONFIG_PATH, ["SOLVER.MAX_ITER", "7"]).SOLVER.MAX_ITER == 7
+
+
+def test_renamed_keys_are_read_under_their_new_names(tmp_path, caplog):
+    """Old top-level MODEL.REGIONSPOT keys: read as the new ones by get_regionspot_cfg, named in a message."""
+    from regionspot.config import RENAMED_KEYS, get_regionspot_cfg
+
+    old_yaml = tmp_path / "old.yaml"
+    old_yaml.write_text(
+        f'_BASE_: "{TINY_CONFIG_PATH}"\nMODEL:\n  REGIONSPOT:\n    TEXT_CACHE_DIR: "/tmp/old-name"\n    FOCAL_GAMMA: 3.0\n'
+    )
+    with caplog.at_level("WARNING"):
+        cfg = get_regionspot_cfg(str(old_yaml), ["MODEL.REGIONSPOT.MASK_ON", "False", "MODEL.REGIONSPOT.SCORING", "per_region"])
+    rs = cfg.MODEL.REGIONSPOT
+    assert (rs.VOCAB.CACHE_DIR, rs.LOSS.FOCAL_GAMMA, rs.MASK.ENABLED, rs.SCORE.MODE) == ("/tmp/old-name", 3.0, False, "per_region")
+    assert rs.SCORE.TOPK == 100 and rs.FROZEN.RANDOM_INIT  # the tiny config's values, under the new names
+    assert "MODEL.REGIONSPOT.MASK_ON is now MODEL.REGIONSPOT.MASK.ENABLED" in caplog.text
+    for old, (node, key) in RENAMED_KEYS.items():
+        assert old not in rs and key in rs[node], old
+    # detectron2's own merge refuses an old name with a message naming the new one.
+    plain = regionspot.add_regionspot_config(get_cfg())
+    with pytest.raises(KeyError, match=r"MODEL\.REGIONSPOT\.TOPK was renamed to MODEL\.REGIONSPOT\.SCORE\.TOPK"):
+        plain.merge_from_list(["MODEL.REGIONSPOT.TOPK", 5])

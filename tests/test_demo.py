@@ -209,7 +209,7 @@ def test_dump_text_embeddings(env, tmp_path, predictor):
     head = predictor.head
     assert emb.shape == (len(VOCAB), head.clip.embed_dim)
     # The tool builds CLIP as the model does: the model reads this very cache entry.
-    assert files[0] == f"text_{head.text_cache.key(head.clip, VOCAB, PROMPT_TEMPLATES)}.pt"
+    assert files[0] == f"text_{head.classifier.text_encoder.cache.key(head.clip, VOCAB, PROMPT_TEMPLATES)}.pt"
     torch.testing.assert_close(emb, torch.load(path, weights_only=True)["embeddings"])
 
     proc, log = _run(DUMP, args, env)

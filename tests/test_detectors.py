@@ -31,7 +31,7 @@ def project_cfg(name, cache_dir, *opts):
     cfg = get_cfg()
     regionspot.add_regionspot_config(cfg)
     cfg.merge_from_file(os.path.join(PROJECT, name))
-    cfg.merge_from_list(["MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(cache_dir), *opts])
+    cfg.merge_from_list(["MODEL.REGIONSPOT.VOCAB.CACHE_DIR", str(cache_dir), *opts])
     return cfg
 
 
@@ -71,7 +71,7 @@ def relabel(cache_dir):
 
 @pytest.fixture(scope="module")
 def regionspot_model(cache_dir):
-    return build(tiny_cfg("MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(cache_dir)))
+    return build(tiny_cfg("MODEL.REGIONSPOT.VOCAB.CACHE_DIR", str(cache_dir)))
 
 
 def rcnn_input(cfg, image_rgb):
@@ -200,7 +200,7 @@ def test_regionspot_weights_into_generalized_rcnn(rcnn, regionspot_model, tmp_pa
         torch.save({"model": {"backbone.x": torch.zeros(1)}}, tmp_path / "detector.pth")
         with pytest.raises(ValueError, match="no RegionSpot fusion weights"):
             load_head_weights(rcnn, str(tmp_path / "detector.pth"))
-        with pytest.raises(FileNotFoundError, match="HEAD_WEIGHTS"):
+        with pytest.raises(FileNotFoundError, match="HEAD.WEIGHTS"):
             load_head_weights(rcnn, str(tmp_path / "missing.pth"))
     finally:
         rcnn.roi_heads.fusion.load_state_dict(before)
@@ -237,7 +237,7 @@ STUB_SCORES = torch.tensor([0.9, 0.8, 0.3, 0.05])
 
 
 def stub_relabel(cache_dir, detector, per_region=True, use_box_scores=True):
-    cfg = tiny_cfg("MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(cache_dir))
+    cfg = tiny_cfg("MODEL.REGIONSPOT.VOCAB.CACHE_DIR", str(cache_dir))
     torch.manual_seed(0)
     return RegionSpotRelabel(
         detector=detector,
@@ -291,7 +291,7 @@ def test_relabel_topk_pairs_and_proposal_networks(cache_dir, coffee):
     inst = model(inputs)[0]["instances"]
     c = model.roi_heads.num_classes
     check_instances(inst, (400, 600), c)
-    assert len(inst) == len(STUB_BOXES) * c  # every (box, class) pair: TOPK 100 > 4 x 6
+    assert len(inst) == len(STUB_BOXES) * c  # every (box, class) pair: SCORE.TOPK 100 > 4 x 6
     d = (inst.pred_boxes.tensor[:, None] - STUB_BOXES[None]).abs().amax(-1)
     assert (d.amin(1) < 1e-4).all()
     # Scores are multiplied by the detector score: no pair of the 0.05 box beats 0.05.
@@ -346,7 +346,7 @@ def test_relabel_mask_rcnn_from_config(relabel, astronaut, cache_dir):
     assert (d.amin(1) < 1e-3).all()  # every result is a detector box
 
     per_region = build(project_cfg("Detector-Relabel/RegionSpot-tiny_relabel-mask-rcnn_shapes.yaml", cache_dir,
-                                   "MODEL.REGIONSPOT.SCORING", "per_region"))
+                                   "MODEL.REGIONSPOT.SCORE.MODE", "per_region"))
     regions = per_region.detect(to_chw(image))
     inst = per_region([{"image": to_chw(image)}])[0]["instances"]
     torch.testing.assert_close(inst.pred_boxes.tensor, regions.proposal_boxes.tensor)
@@ -444,7 +444,7 @@ def test_sam_automatic_proposals(cache_dir, astronaut):
     torch.testing.assert_close(props.objectness_logits.sigmoid(), iou)
 
     # Its SAM is the head's SAM (seeded the same way) when built from the same config.
-    head = build_roi_heads(tiny_cfg("MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(cache_dir)), {})
+    head = build_roi_heads(tiny_cfg("MODEL.REGIONSPOT.VOCAB.CACHE_DIR", str(cache_dir)), {})
     for (k, v), (k2, v2) in zip(generator.sam.state_dict().items(), head.sam.sam.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
 

@@ -46,8 +46,8 @@ def test_model_and_vocabulary_on_the_configured_device(device, photo, monkeypatc
         return original(clip_features, *args, **kwargs)
 
     monkeypatch.setattr(text_embeddings, "encode_vocabulary", recording)
-    cfg = tiny_cfg("MODEL.DEVICE", device, "MODEL.REGIONSPOT.CUSTOM_VOCABULARY", ["a device test vocabulary", "b"],
-                   "MODEL.REGIONSPOT.VOCABULARY", "custom")
+    cfg = tiny_cfg("MODEL.DEVICE", device, "MODEL.REGIONSPOT.VOCAB.CUSTOM", ["a device test vocabulary", "b"],
+                   "MODEL.REGIONSPOT.VOCAB.SOURCE", "custom")
     predictor = regionspot.RegionSpotPredictor(cfg)
     assert seen == [device]
     assert {p.device.type for p in predictor.model.parameters()} == {device}
@@ -60,7 +60,7 @@ def test_model_and_vocabulary_on_the_configured_device(device, photo, monkeypatc
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp32_frozen_models_stay_fp32_inside_autocast(device, photo):
     """
-    FROZEN_PRECISION fp32 holds inside an enclosing autocast region (as detectron2's AMPTrainer opens
+    FROZEN.PRECISION fp32 holds inside an enclosing autocast region (as detectron2's AMPTrainer opens
     one): SAM's and CLIP's outputs are bit-identical to those outside it; with bf16/fp16 they are not.
     """
     torch.manual_seed(0)
@@ -90,7 +90,7 @@ def test_amp_training_needs_cuda(tmp_path):
     from regionspot.engine import Trainer
 
     cfg = tiny_cfg("OUTPUT_DIR", str(tmp_path), "SOLVER.AMP.ENABLED", True, "MODEL.DEVICE", "cpu")
-    with pytest.raises(ValueError, match=r"SOLVER.AMP.ENABLED=True needs a CUDA device.*FROZEN_PRECISION"):
+    with pytest.raises(ValueError, match=r"SOLVER.AMP.ENABLED=True needs a CUDA device.*FROZEN.PRECISION"):
         Trainer(cfg)
 
 
@@ -125,7 +125,7 @@ def test_reduced_precision_on_cuda(device, precision, photo):
     torch.manual_seed(0)
     ref = regionspot.RegionSpotPredictor(tiny_cfg("MODEL.DEVICE", device))
     torch.manual_seed(0)
-    low = regionspot.RegionSpotPredictor(tiny_cfg("MODEL.DEVICE", device, "MODEL.REGIONSPOT.FROZEN_PRECISION", precision))
+    low = regionspot.RegionSpotPredictor(tiny_cfg("MODEL.DEVICE", device, "MODEL.REGIONSPOT.FROZEN.PRECISION", precision))
     ref.set_image(photo)
     low.set_image(photo)
     a, b = ref.predict(BOXES), low.predict(BOXES)

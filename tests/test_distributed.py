@@ -14,7 +14,7 @@ from conftest import REPO_ROOT, TINY_CONFIG, tiny_cfg
 def _eval(out_dir, weights, num_procs, env):
     cmd = [sys.executable, os.path.join(REPO_ROOT, "train_net.py"), "--config-file", TINY_CONFIG, "--eval-only",
            "--num-gpus", str(num_procs), "OUTPUT_DIR", str(out_dir), "MODEL.WEIGHTS", str(weights),
-           "MODEL.REGIONSPOT.MASK_ON", "False"]
+           "MODEL.REGIONSPOT.MASK.ENABLED", "False"]
     run = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     with open(os.path.join(out_dir, "inference", "regionspot_shapes_val", "coco_instances_results.json")) as f:

@@ -162,7 +162,7 @@ def test_train_net_test_overlaps_by_default(tmp_path, datasets, model, monkeypat
         return original(self, inputs, outputs)
 
     monkeypatch.setattr(OverlappedEvaluator, "process", process)
-    evaluate_datasets(_cfg(tmp_path, COCO_SUBSET, "MODEL.REGIONSPOT.MASK_ON", False), model)
+    evaluate_datasets(_cfg(tmp_path, COCO_SUBSET, "MODEL.REGIONSPOT.MASK.ENABLED", False), model)
     assert [i for _, i in seen] == [d["image_id"] for d in datasets]
 
 
@@ -330,7 +330,7 @@ def test_failure_names_the_image_at_the_next_call_or_evaluate():
 
 def test_failure_in_evaluate_datasets_names_the_image(tmp_path, datasets, model):
     target = datasets[2]
-    cfg = _cfg(tmp_path, COCO_SUBSET, "MODEL.REGIONSPOT.MASK_ON", False, "DATALOADER.NUM_WORKERS", 2)
+    cfg = _cfg(tmp_path, COCO_SUBSET, "MODEL.REGIONSPOT.MASK.ENABLED", False, "DATALOADER.NUM_WORKERS", 2)
     with pytest.raises(EvaluationError) as info:
         evaluate_datasets(cfg, model, evaluators=[_Recording(fail_on=target["image_id"])])
     message = str(info.value)
@@ -349,7 +349,7 @@ def test_failure_of_the_model_stops_the_thread(tmp_path, datasets, model, monkey
         return forward(batched_inputs)
 
     monkeypatch.setattr(model, "forward", failing_forward)
-    cfg = _cfg(tmp_path, COCO_SUBSET, "MODEL.REGIONSPOT.MASK_ON", False)
+    cfg = _cfg(tmp_path, COCO_SUBSET, "MODEL.REGIONSPOT.MASK.ENABLED", False)
     with pytest.raises(RuntimeError, match="model failed"):
         evaluate_datasets(cfg, model)
     # _no_thread_left checks that the background thread was stopped.

@@ -140,7 +140,7 @@ def test_coco_gt_boxes_oracle_gives_ap_100(tmp_path, subset, monkeypatch):
     assert list(results) == [SUBSET]
     res = results[SUBSET]
     assert stats["calls"] == NUM_IMAGES
-    assert set(res) == {"bbox", "segm"}  # MASK_ON: SAM masks are evaluated too
+    assert set(res) == {"bbox", "segm"}  # MASK.ENABLED: SAM masks are evaluated too
     assert res["bbox"]["AP"] == pytest.approx(100.0, abs=1e-3)
     assert res["bbox"]["AP50"] == pytest.approx(100.0, abs=1e-3)
     # Masks of random SAM weights: any finite number in [0, 100].
@@ -151,7 +151,7 @@ def test_coco_gt_boxes_oracle_gives_ap_100(tmp_path, subset, monkeypatch):
 
 
 def test_coco_mask_off_evaluates_bbox_only(tmp_path, subset, monkeypatch):
-    cfg = _make_cfg(tmp_path, "MODEL.REGIONSPOT.MASK_ON", False)
+    cfg = _make_cfg(tmp_path, "MODEL.REGIONSPOT.MASK.ENABLED", False)
     model = _build(cfg)
     _install_oracle(monkeypatch, model)
     res = Trainer.test(cfg, model)[SUBSET]
@@ -164,7 +164,7 @@ def test_coco_mask_off_evaluates_bbox_only(tmp_path, subset, monkeypatch):
 def test_coco_anti_oracle_gives_ap_0(tmp_path, subset, monkeypatch):
     # A large scale makes every other class's probability exactly 0 in float32, so with
     # SCORE_THRESH_TEST 0 each region is kept with its (wrong) shifted class only.
-    cfg = _make_cfg(tmp_path, "MODEL.REGIONSPOT.MASK_ON", False)
+    cfg = _make_cfg(tmp_path, "MODEL.REGIONSPOT.MASK.ENABLED", False)
     model = _build(cfg)
     _install_oracle(monkeypatch, model, shift=1, scale=1e4)
     res = Trainer.test(cfg, model)[SUBSET]
@@ -173,7 +173,7 @@ def test_coco_anti_oracle_gives_ap_0(tmp_path, subset, monkeypatch):
 
 def test_coco_anti_oracle_per_region_gives_ap_0(tmp_path, subset, monkeypatch):
     # per_region keeps only each region's best class, whatever the other probabilities.
-    cfg = _make_cfg(tmp_path, "MODEL.REGIONSPOT.MASK_ON", False, "MODEL.REGIONSPOT.SCORING", "per_region")
+    cfg = _make_cfg(tmp_path, "MODEL.REGIONSPOT.MASK.ENABLED", False, "MODEL.REGIONSPOT.SCORE.MODE", "per_region")
     model = _build(cfg)
     _install_oracle(monkeypatch, model, shift=1)
     res = Trainer.test(cfg, model)[SUBSET]
@@ -183,7 +183,7 @@ def test_coco_anti_oracle_per_region_gives_ap_0(tmp_path, subset, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # 3. Scoring modes
 def test_per_region_oracle_gives_ap_100(tmp_path, subset, monkeypatch):
-    cfg = _make_cfg(tmp_path, "MODEL.REGIONSPOT.MASK_ON", False, "MODEL.REGIONSPOT.SCORING", "per_region")
+    cfg = _make_cfg(tmp_path, "MODEL.REGIONSPOT.MASK.ENABLED", False, "MODEL.REGIONSPOT.SCORE.MODE", "per_region")
     model = _build(cfg)
     _install_oracle(monkeypatch, model)
     res = Trainer.test(cfg, model)[SUBSET]
@@ -205,9 +205,9 @@ def test_topk_pairs_detection_count(tmp_path, subset, topk, max_dets):
     # Random weights: every (region, class) probability is > 0, so nothing is thresholded away.
     cfg = _make_cfg(
         tmp_path,
-        "MODEL.REGIONSPOT.MASK_ON", False,
-        "MODEL.REGIONSPOT.SCORING", "topk_pairs",
-        "MODEL.REGIONSPOT.TOPK", topk,
+        "MODEL.REGIONSPOT.MASK.ENABLED", False,
+        "MODEL.REGIONSPOT.SCORE.MODE", "topk_pairs",
+        "MODEL.REGIONSPOT.SCORE.TOPK", topk,
         "TEST.DETECTIONS_PER_IMAGE", max_dets,
     )
     model = _build(cfg)
@@ -258,7 +258,7 @@ def test_proposals_oracle_gives_ap_100_and_box_scores(tmp_path, subset, monkeypa
     num_extra = _write_proposals(subset, path)
     cfg = _make_cfg(
         tmp_path,
-        "MODEL.REGIONSPOT.MASK_ON", False,
+        "MODEL.REGIONSPOT.MASK.ENABLED", False,
         "MODEL.LOAD_PROPOSALS", True,
         "MODEL.REGIONSPOT.BOX_SOURCE", "PROPOSALS",
         "DATASETS.PROPOSAL_FILES_TEST", (str(path),),
@@ -276,7 +276,7 @@ def test_proposals_oracle_gives_ap_100_and_box_scores(tmp_path, subset, monkeypa
     with torch.no_grad():
         out = model(batch)[0]["instances"]
     n_props = len(x["proposals"])
-    assert len(out) == min(cfg.MODEL.REGIONSPOT.TOPK, n_props * NUM_CLASSES, cfg.TEST.DETECTIONS_PER_IMAGE)
+    assert len(out) == min(cfg.MODEL.REGIONSPOT.SCORE.TOPK, n_props * NUM_CLASSES, cfg.TEST.DETECTIONS_PER_IMAGE)
     best = out[: n_props]  # each proposal's oracle class comes first (prob ~1 vs ~e-44)
     iou = pairwise_iou(best.pred_boxes, x["instances"].gt_boxes).max(dim=1).values
     is_gt = iou > 0.99
@@ -295,10 +295,10 @@ def test_proposals_without_box_scores(tmp_path, subset, monkeypatch):
     _write_proposals(subset, path)
     cfg = _make_cfg(
         tmp_path,
-        "MODEL.REGIONSPOT.MASK_ON", False,
+        "MODEL.REGIONSPOT.MASK.ENABLED", False,
         "MODEL.LOAD_PROPOSALS", True,
         "MODEL.REGIONSPOT.BOX_SOURCE", "PROPOSALS",
-        "MODEL.REGIONSPOT.USE_BOX_SCORES", False,
+        "MODEL.REGIONSPOT.SCORE.USE_BOX_SCORES", False,
         "DATASETS.PROPOSAL_FILES_TEST", (str(path),),
     )
     model = _build(cfg)
@@ -392,7 +392,7 @@ def test_lvis_oracle_gives_ap_100(tmp_path, subset, lvis_subset, monkeypatch):
     dicts = DatasetCatalog.get(LVIS_SUBSET)
     assert [os.path.realpath(d["file_name"]) for d in dicts] == [os.path.realpath(d["file_name"]) for d in subset]
 
-    cfg = _make_cfg(tmp_path, "DATASETS.TEST", (LVIS_SUBSET,), "MODEL.REGIONSPOT.MASK_ON", False)
+    cfg = _make_cfg(tmp_path, "DATASETS.TEST", (LVIS_SUBSET,), "MODEL.REGIONSPOT.MASK.ENABLED", False)
     model = _build(cfg)
     assert model.roi_heads.class_names == list(SHAPES_CLASSES)
     assert isinstance(Trainer.build_evaluator(cfg, LVIS_SUBSET), LVISEvaluator)
@@ -413,7 +413,7 @@ def test_lvis_fixed_ap_selected_from_config(tmp_path, subset, lvis_subset, monke
     from regionspot.evaluation import LVISFixedAPEvaluator
 
     cfg = _make_cfg(
-        tmp_path, "DATASETS.TEST", (LVIS_SUBSET,), "MODEL.REGIONSPOT.MASK_ON", False,
+        tmp_path, "DATASETS.TEST", (LVIS_SUBSET,), "MODEL.REGIONSPOT.MASK.ENABLED", False,
         "MODEL.REGIONSPOT.EVAL.AP_KIND", "fixed", "MODEL.REGIONSPOT.EVAL.FIXED_AP_TOPK_PER_CLASS", 50,
     )
     evaluator = Trainer.build_evaluator(cfg, LVIS_SUBSET)
@@ -434,8 +434,8 @@ def test_lvis_fixed_ap_selected_from_config(tmp_path, subset, lvis_subset, monke
 
 def test_lvis_anti_oracle_gives_ap_0(tmp_path, subset, lvis_subset, monkeypatch):
     cfg = _make_cfg(
-        tmp_path, "DATASETS.TEST", (LVIS_SUBSET,), "MODEL.REGIONSPOT.MASK_ON", False,
-        "MODEL.REGIONSPOT.SCORING", "per_region",
+        tmp_path, "DATASETS.TEST", (LVIS_SUBSET,), "MODEL.REGIONSPOT.MASK.ENABLED", False,
+        "MODEL.REGIONSPOT.SCORE.MODE", "per_region",
     )
     model = _build(cfg)
     _install_oracle(monkeypatch, model, shift=1)
@@ -458,7 +458,7 @@ def test_train_net_eval_only(tmp_path):
             "--eval-only",
             "OUTPUT_DIR", str(out),
             "DATASETS.TEST", '("regionspot_shapes_val",)',
-            "MODEL.REGIONSPOT.MASK_ON", "False",
+            "MODEL.REGIONSPOT.MASK.ENABLED", "False",
         ],
         cwd=str(tmp_path),
         env=env,
@@ -514,10 +514,10 @@ def test_protocol_card_of_the_authors_protocol_with_proposals(tmp_path, subset):
     assert card["ap"]["kind"].startswith("fixed") and card["ap"]["topk_per_class"] == 10000
     assert "warnings" not in card
     cfg.defrost()
-    cfg.MODEL.REGIONSPOT.VOCABULARY = "custom"
-    cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY = ["circle"]
+    cfg.MODEL.REGIONSPOT.VOCAB.SOURCE = "custom"
+    cfg.MODEL.REGIONSPOT.VOCAB.CUSTOM = ["circle"]
     assert "every score is 1.0" in build_protocol_card(cfg, SUBSET)["warnings"][0]
-    cfg.MODEL.REGIONSPOT.VOCABULARY = "dataset"
+    cfg.MODEL.REGIONSPOT.VOCAB.SOURCE = "dataset"
     cfg.MODEL.REGIONSPOT.PROTOCOL.MASK_RESIZE = "fixed"
     cfg.MODEL.REGIONSPOT.PROTOCOL.BOX_RESCALE = "fixed"
     assert build_protocol_card(cfg, SUBSET)["image_scale"]["name"] == "authors-resize-fixed"

@@ -186,9 +186,9 @@ def test_resume_rewrites_only_missing_or_corrupt(cache_copy, shapes):
     "opts, field",
     [
         (("MODEL.REGIONSPOT.CLIP.INPUT_SIZE", 64), "MODEL.REGIONSPOT.CLIP.INPUT_SIZE is 128 in the cache but 64"),
-        (("MODEL.REGIONSPOT.RANDOM_INIT_SEED", 7), "MODEL.REGIONSPOT.RANDOM_INIT_SEED"),
-        (("MODEL.REGIONSPOT.FROZEN_PRECISION", "bf16"),
-         "MODEL.REGIONSPOT.FROZEN_PRECISION .* is 'fp32' in the cache but 'bf16'"),
+        (("MODEL.REGIONSPOT.FROZEN.SEED", 7), "MODEL.REGIONSPOT.FROZEN.SEED"),
+        (("MODEL.REGIONSPOT.FROZEN.PRECISION", "bf16"),
+         "MODEL.REGIONSPOT.FROZEN.PRECISION .* is 'fp32' in the cache but 'bf16'"),
     ],
 )
 def test_stale_cache_is_refused(cache_copy, opts, field):

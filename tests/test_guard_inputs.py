@@ -393,10 +393,10 @@ def test_sigmoid_class_scores(pred):
 
 def test_class_score_from_config():
     cfg = tiny_cfg()
-    cfg.MODEL.REGIONSPOT.CLASS_SCORE = "sigmoid"  # read with a default where the key is not declared
+    cfg.MODEL.REGIONSPOT.SCORE.CLASS_SCORE = "sigmoid"  # read with a default where the key is not declared
     assert build_model(cfg).roi_heads.classifier.class_score == "sigmoid"
-    cfg.MODEL.REGIONSPOT.CLASS_SCORE = "softmax2"
-    with pytest.raises(ValueError, match=r"CLASS_SCORE='softmax2'.*\('softmax', 'sigmoid'\)"):
+    cfg.MODEL.REGIONSPOT.SCORE.CLASS_SCORE = "softmax2"
+    with pytest.raises(ValueError, match=r"SCORE.CLASS_SCORE='softmax2'.*\('softmax', 'sigmoid'\)"):
         build_model(cfg)
 
 

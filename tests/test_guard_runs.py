@@ -72,7 +72,7 @@ def test_train_and_evaluate_own_coco_dataset_with_train_net(coco_files, tmp_path
     spec = ["--coco-dataset", "own_train", json_file, image_root, "--coco-dataset", "own_val", json_file, image_root]
     run = _run(spec + ["OUTPUT_DIR", str(tmp_path / "train"), "DATASETS.TRAIN", "('own_train',)",
                        "DATASETS.TEST", "('own_val',)", "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2",
-                       "MODEL.REGIONSPOT.MASK_ON", "False"], tmp_path)
+                       "MODEL.REGIONSPOT.MASK.ENABLED", "False"], tmp_path)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
     assert "copypaste: Task: bbox" in log
@@ -90,7 +90,7 @@ def test_missing_weights_fail_before_the_model_is_built(tmp_path):
 
 
 @pytest.mark.parametrize("key", ["MODEL.REGIONSPOT.SAM.WEIGHTS", "MODEL.REGIONSPOT.CLIP.WEIGHTS",
-                                 "MODEL.REGIONSPOT.HEAD_WEIGHTS", "MODEL.REGIONSPOT.DETECTOR.WEIGHTS"])
+                                 "MODEL.REGIONSPOT.HEAD.WEIGHTS", "MODEL.REGIONSPOT.DETECTOR.WEIGHTS"])
 def test_missing_weight_paths_are_named(key, tmp_path):
     cfg = tiny_cfg(key, str(tmp_path / "missing.pth"))
     with pytest.raises(FileNotFoundError, match=key.replace(".", r"\.") + ".*missing.pth.*does not exist"):

@@ -3,7 +3,7 @@ Guarded weight files (one of the tests/test_guard_*.py files): every way a weigh
 unusable (missing, empty, cut short, a web page or text saved under its name, another model's
 weights, part of the fusion module, pickled Python objects) gives one exception that names the file
 and its config key and says what the file should be; a RegionSpot head whose fusion module nothing
-loaded is not evaluated unless MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD says so.
+loaded is not evaluated unless MODEL.REGIONSPOT.HEAD.ALLOW_RANDOM says so.
 """
 import copy
 import pickle
@@ -25,7 +25,7 @@ from regionspot.modeling.fusion import RegionSpotFusion
 WEIGHTS = "MODEL.WEIGHTS"
 SAM = "MODEL.REGIONSPOT.SAM.WEIGHTS"
 CLIP = "MODEL.REGIONSPOT.CLIP.WEIGHTS"
-HEAD = "MODEL.REGIONSPOT.HEAD_WEIGHTS"
+HEAD = "MODEL.REGIONSPOT.HEAD.WEIGHTS"
 DETECTOR = "MODEL.REGIONSPOT.DETECTOR.WEIGHTS"
 KEYS = [WEIGHTS, SAM, CLIP, HEAD, DETECTOR]
 
@@ -280,32 +280,32 @@ def test_detector_pkl_still_loads_and_is_guarded(tmp_path):
 # A random fusion module is not evaluated unless asked for
 def test_random_head_needs_allow_random_head(tmp_path):
     # Before the model is built: nothing could load the fusion module.
-    cfg = tiny_cfg("MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD", False, "OUTPUT_DIR", str(tmp_path))
-    with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty.*ALLOW_RANDOM_HEAD True"):
+    cfg = tiny_cfg("MODEL.REGIONSPOT.HEAD.ALLOW_RANDOM", False, "OUTPUT_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty.*HEAD.ALLOW_RANDOM True"):
         check_head_weights(cfg)
     with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty"):
         check_head_weights(cfg, resume=True)  # nothing to resume from
     (tmp_path / "last_checkpoint").write_text("model_final.pth")
     check_head_weights(cfg, resume=True)
-    check_head_weights(tiny_cfg("MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD", True))
-    check_head_weights(tiny_cfg("MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD", False, "MODEL.WEIGHTS", "w.pth"))
+    check_head_weights(tiny_cfg("MODEL.REGIONSPOT.HEAD.ALLOW_RANDOM", True))
+    check_head_weights(tiny_cfg("MODEL.REGIONSPOT.HEAD.ALLOW_RANDOM", False, "MODEL.WEIGHTS", "w.pth"))
     # After loading: what the loaders recorded.
     model = _model()
-    with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty.*ALLOW_RANDOM_HEAD True"):
-        check_head_weights(tiny_cfg("MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD", False), model)
-    check_head_weights(tiny_cfg("MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD", True), model)
-    with pytest.raises(ValueError, match="HEAD_WEIGHTS='w.pth' is set but was not loaded"):
-        check_head_weights(tiny_cfg("MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD", False,
-                                    "MODEL.REGIONSPOT.HEAD_WEIGHTS", "w.pth"), model)
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty.*HEAD.ALLOW_RANDOM True"):
+        check_head_weights(tiny_cfg("MODEL.REGIONSPOT.HEAD.ALLOW_RANDOM", False), model)
+    check_head_weights(tiny_cfg("MODEL.REGIONSPOT.HEAD.ALLOW_RANDOM", True), model)
+    with pytest.raises(ValueError, match="HEAD.WEIGHTS='w.pth' is set but was not loaded"):
+        check_head_weights(tiny_cfg("MODEL.REGIONSPOT.HEAD.ALLOW_RANDOM", False,
+                                    "MODEL.REGIONSPOT.HEAD.WEIGHTS", "w.pth"), model)
 
 
 def test_detector_weights_into_a_host_model_need_head_weights(files, tmp_path):
-    """A GeneralizedRCNN recipe: MODEL.WEIGHTS is the detector's, the fusion module comes from HEAD_WEIGHTS."""
+    """A GeneralizedRCNN recipe: MODEL.WEIGHTS is the detector's, the fusion module comes from HEAD.WEIGHTS."""
     host = _Host()
     RegionSpotCheckpointer(host).load(files["detector"])  # accepted, with a warning
     assert torch.equal(host.backbone.bottom_up.stem.conv1.weight, torch.zeros(4, 3, 1, 1))
-    cfg = tiny_cfg("MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD", False, "MODEL.WEIGHTS", files["detector"])
-    with pytest.raises(ValueError, match="holds no RegionSpot fusion weights.*HEAD_WEIGHTS is empty"):
+    cfg = tiny_cfg("MODEL.REGIONSPOT.HEAD.ALLOW_RANDOM", False, "MODEL.WEIGHTS", files["detector"])
+    with pytest.raises(ValueError, match="holds no RegionSpot fusion weights.*HEAD.WEIGHTS is empty"):
         check_head_weights(cfg, host)
     head = str(tmp_path / "head.pth")
     torch.save({"model": {"roi_heads.fusion." + k: v for k, v in _Host().roi_heads.fusion.state_dict().items()}}, head)
@@ -320,6 +320,6 @@ def test_predictor_refuses_an_unloaded_head():
     """RegionSpotPredictor with no MODEL.WEIGHTS evaluates a random head only when told to."""
     from regionspot import RegionSpotPredictor
 
-    with pytest.raises(ValueError, match="ALLOW_RANDOM_HEAD"):
-        RegionSpotPredictor(tiny_cfg("MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD", False))
+    with pytest.raises(ValueError, match="HEAD.ALLOW_RANDOM"):
+        RegionSpotPredictor(tiny_cfg("MODEL.REGIONSPOT.HEAD.ALLOW_RANDOM", False))
     assert RegionSpotPredictor(tiny_cfg()).model is not None  # the tiny config allows it

@@ -208,7 +208,7 @@ def test_configs_train_on_base_and_test_on_all_classes(path):
     cfg = get_regionspot_cfg(path)
     assert tuple(cfg.DATASETS.TRAIN) == (LVIS_V1_TRAIN_BASE,)
     assert tuple(cfg.DATASETS.TEST) == (LVIS_VILD_TEST,)
-    assert cfg.MODEL.REGIONSPOT.VOCABULARY == "dataset"  # test vocabulary = lvis_v1_val's 1203 names
+    assert cfg.MODEL.REGIONSPOT.VOCAB.SOURCE == "dataset"  # test vocabulary = lvis_v1_val's 1203 names
     if cfg.MODEL.META_ARCHITECTURE == "RegionSpotRelabel":
         opts = list(cfg.MODEL.REGIONSPOT.DETECTOR.OPTS)
         assert opts[opts.index("MODEL.ROI_HEADS.NUM_CLASSES") + 1] == "866"

@@ -249,8 +249,8 @@ def test_vocabularies_are_encoded_once(datasets, tmp_path, monkeypatch):
         raise AssertionError("text encoded a second time")
 
     def cfg(cache):
-        return _loader_cfg(datasets, "MODEL.REGIONSPOT.VOCABULARY", "custom", "MODEL.REGIONSPOT.CUSTOM_VOCABULARY",
-                           ["unrelated thing"], "MODEL.REGIONSPOT.TEXT_CACHE_DIR", str(tmp_path / cache))
+        return _loader_cfg(datasets, "MODEL.REGIONSPOT.VOCAB.SOURCE", "custom", "MODEL.REGIONSPOT.VOCAB.CUSTOM",
+                           ["unrelated thing"], "MODEL.REGIONSPOT.VOCAB.CACHE_DIR", str(tmp_path / cache))
 
     monkeypatch.setattr(text_embeddings, "encode_vocabulary", counting)
     model = build_model(cfg("one"))

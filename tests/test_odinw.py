@@ -263,13 +263,13 @@ def _install_oracle(monkeypatch, model):
         return 100.0 * torch.nn.functional.one_hot(gt_classes[best], c).to(region_embeddings)
 
     monkeypatch.setattr(model, "_regions", regions)
-    monkeypatch.setattr(model.roi_heads, "logits", logits)
+    monkeypatch.setattr(model.roi_heads.classifier, "forward", logits)
 
 
 def test_oracle_gives_ap_100_on_each_dataset(registered, tmp_path, monkeypatch):
     names = [odinw_dataset_name(short, prefix=PREFIX) for short in STANDINS]
     cfg = tiny_cfg("OUTPUT_DIR", str(tmp_path), "DATASETS.TRAIN", (), "DATASETS.TEST", tuple(names),
-                   "MODEL.REGIONSPOT.MASK_ON", False)
+                   "MODEL.REGIONSPOT.MASK.ENABLED", False)
     cfg.freeze()
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -300,7 +300,7 @@ def _table(stdout):
 
 def test_tool_prints_ap_per_dataset_and_the_average(odinw_root, tmp_path):
     out = tmp_path / "out"
-    proc = _run_tool(odinw_root, "--config-file", TINY_CONFIG, "--", "OUTPUT_DIR", str(out), "MODEL.REGIONSPOT.MASK_ON", "False")
+    proc = _run_tool(odinw_root, "--config-file", TINY_CONFIG, "--", "OUTPUT_DIR", str(out), "MODEL.REGIONSPOT.MASK.ENABLED", "False")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     skips = [line for line in proc.stdout.splitlines() if line.startswith("Skipping ODinW dataset")]
     assert len(skips) == 10  # nine missing, and the raw export
@@ -339,7 +339,7 @@ def test_tool_with_proposal_files(odinw_root, tmp_path):
     out = tmp_path / "out"
     proc = _run_tool(
         odinw_root, "--config-file", TINY_CONFIG, "--proposals-dir", str(proposals_dir),
-        "OUTPUT_DIR", str(out), "MODEL.REGIONSPOT.MASK_ON", "False",
+        "OUTPUT_DIR", str(out), "MODEL.REGIONSPOT.MASK.ENABLED", "False",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     expected_file = proposals_dir / f"{odinw_dataset_name('pistols')}.pkl"

@@ -77,14 +77,14 @@ def test_predict_before_set_image(cfg):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_frozen_models(photo, precision):
-    """Autocast for SAM and CLIP (FROZEN_PRECISION): same outputs up to that precision."""
+    """Autocast for SAM and CLIP (FROZEN.PRECISION): same outputs up to that precision."""
     import regionspot
     from conftest import tiny_cfg
 
     torch.manual_seed(0)
     ref = regionspot.RegionSpotPredictor(tiny_cfg())
     torch.manual_seed(0)
-    low = regionspot.RegionSpotPredictor(tiny_cfg("MODEL.REGIONSPOT.FROZEN_PRECISION", precision))
+    low = regionspot.RegionSpotPredictor(tiny_cfg("MODEL.REGIONSPOT.FROZEN.PRECISION", precision))
     assert low.head.sam.precision == precision and low.head.clip.precision == precision
     ref.set_image(photo)
     low.set_image(photo)
@@ -97,6 +97,6 @@ def test_reduced_precision_frozen_models(photo, precision):
 def test_bad_precision(cfg):
     import regionspot
 
-    cfg.MODEL.REGIONSPOT.FROZEN_PRECISION = "int8"
-    with pytest.raises(ValueError, match="FROZEN_PRECISION"):
+    cfg.MODEL.REGIONSPOT.FROZEN.PRECISION = "int8"
+    with pytest.raises(ValueError, match="FROZEN.PRECISION"):
         regionspot.RegionSpotPredictor(cfg)

@@ -54,9 +54,9 @@ def _cfg(*opts):
     cfg = tiny_cfg(
         "INPUT.MIN_SIZE_TEST", 800, "INPUT.MAX_SIZE_TEST", 1333,
         "MODEL.LOAD_PROPOSALS", True, "MODEL.REGIONSPOT.BOX_SOURCE", "PROPOSALS",
-        "MODEL.REGIONSPOT.VOCABULARY", "custom", "MODEL.REGIONSPOT.CUSTOM_VOCABULARY", VOCAB,
-        "MODEL.REGIONSPOT.TOPK", 900, "TEST.DETECTIONS_PER_IMAGE", 300,
-        "MODEL.REGIONSPOT.MASK_SECOND_PASS_MIN_PROMPTS", 0, *opts,
+        "MODEL.REGIONSPOT.VOCAB.SOURCE", "custom", "MODEL.REGIONSPOT.VOCAB.CUSTOM", VOCAB,
+        "MODEL.REGIONSPOT.SCORE.TOPK", 900, "TEST.DETECTIONS_PER_IMAGE", 300,
+        "MODEL.REGIONSPOT.MASK.SECOND_PASS_MIN_PROMPTS", 0, *opts,
     )
     cfg.freeze()
     return cfg
@@ -122,10 +122,10 @@ def authors_evaluation(model, cfg, image, boxes, box_scores, antialias=False):
     view = TF.resize(torch.from_numpy(img800).permute(2, 0, 1).float() / 255, [rs.CLIP.INPUT_SIZE] * 2,
                      antialias=antialias)
     view = TF.normalize(view, CLIP_PIXEL_MEAN, CLIP_PIXEL_STD)[None]
-    clip_model = build_clip(rs.CLIP.TYPE, "", True, rs.RANDOM_INIT_SEED + 1)
+    clip_model = build_clip(rs.CLIP.TYPE, "", True, rs.FROZEN.SEED + 1)
     clip_tokens = _stock_clip_tokens(clip_model, view)
     # 3. SAM view: the stock predictor on img800.
-    sam = build_sam(rs.SAM.TYPE, "", True, rs.RANDOM_INIT_SEED)
+    sam = build_sam(rs.SAM.TYPE, "", True, rs.FROZEN.SEED)
     predictor = SamPredictor(sam)
     predictor.set_image(img800)
     # 4. Boxes into the 800 frame with the x/y ratios swapped, then SAM's apply_boxes.
@@ -145,7 +145,7 @@ def authors_evaluation(model, cfg, image, boxes, box_scores, antialias=False):
     probs = (head.classifier.logit_scale * emb @ text.t()).softmax(dim=-1)
     # 6. Top 900 of the flattened probabilities, THEN times the box score.
     C = probs.shape[1]
-    top, flat = probs.flatten().topk(min(rs.TOPK, probs.numel()))
+    top, flat = probs.flatten().topk(min(rs.SCORE.TOPK, probs.numel()))
     regions, classes = flat // C, flat % C
     scores = top * torch.as_tensor(box_scores)[regions]
     # 7. Back to the original frame: boxes scaled, clipped, empty ones dropped; masks thresholded

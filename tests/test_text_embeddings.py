@@ -133,7 +133,7 @@ def test_fast_vocabulary_matches_stock(feats, batch_size, monkeypatch):
 
 
 def test_batch_size_must_be_positive(feats):
-    with pytest.raises(ValueError, match="TEXT_BATCH_SIZE"):
+    with pytest.raises(ValueError, match="VOCAB.BATCH_SIZE"):
         te.encode_vocabulary(feats, ["cat"], batch_size=0, show_progress=False)
 
 

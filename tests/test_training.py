@@ -22,7 +22,7 @@ def test_focal_loss_normalisation(monkeypatch):
     c = head.num_classes
     torch.manual_seed(0)
     fixed = torch.randn(3, 4, c)  # 3 images padded to 4 regions
-    monkeypatch.setattr(head, "logits", lambda emb, vocabulary=None: fixed[:, : emb.shape[1]])
+    monkeypatch.setattr(head.classifier, "forward", lambda emb, vocabulary=None: fixed[:, : emb.shape[1]])
     tokens = [torch.randn(4, head.sam.token_dim), torch.randn(0, head.sam.token_dim), torch.randn(2, head.sam.token_dim)]
     labels = [torch.tensor([0, 1, 2, 5]), torch.zeros(0, dtype=torch.long), torch.tensor([3, 3])]
     feats = torch.randn(3, head.clip.num_tokens, head.clip.width)

@@ -4,7 +4,7 @@ Latency, peak memory and numerical agreement of RegionSpot against a straightfor
 pipeline written with the stock packages, at real size, with RANDOM weights.
 
 No weight file is read: SAM and CLIP are built with seeded random weights
-(``MODEL.REGIONSPOT.RANDOM_INIT_FROZEN True``), which have the architecture (and therefore the
+(``MODEL.REGIONSPOT.FROZEN.RANDOM_INIT True``), which have the architecture (and therefore the
 cost) of the released models but recognise nothing. The fusion module is randomly initialised too
 (``torch.manual_seed(--seed)`` before the build).
 
@@ -58,7 +58,7 @@ rss_after_build_mb``; where the reset is not possible the peak is the whole proc
 (``peak_rss_reset: false``). On CUDA ``torch.cuda.max_memory_allocated`` after a reset.
 
 Precision (``--precision fp32 bf16 fp16``): one comparison job per precision, with our pipelines'
-frozen SAM and CLIP under autocast (``MODEL.REGIONSPOT.FROZEN_PRECISION``) and the reference always
+frozen SAM and CLIP under autocast (``MODEL.REGIONSPOT.FROZEN.PRECISION``) and the reference always
 in fp32, so the speed-up is over the fp32 baseline. In fp16/bf16 the logits are not held to
 ``--logits-tol``: the table reports their max difference and the top-1 class agreement instead.
 

@@ -9,7 +9,7 @@ process, on the same model and the same photos, and their outputs are compared.
     python tools/benchmark_generator.py --images coffee --points-per-side 4 --repeats 2 --output-json out.json
 
 Real-size architecture with seeded RANDOM weights (no weight file is read): SAM ViT-B and CLIP ViT-B/16
-of ``configs/Base-RegionSpot-BB.yaml`` with ``MODEL.REGIONSPOT.RANDOM_INIT_FROZEN``, a random fusion
+of ``configs/Base-RegionSpot-BB.yaml`` with ``MODEL.REGIONSPOT.FROZEN.RANDOM_INIT``, a random fusion
 module and a small custom vocabulary. Random SAM weights predict poor masks, so the automatic mask
 generator's quality filters are off (thresholds 0) for it to return proposals. Images are resized as
 detectron2's ``DefaultPredictor`` does (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``).
@@ -47,7 +47,7 @@ from regionspot.benchmarking.inputs import REPO_ROOT
 from regionspot.modeling.meta_arch import rescale_results
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "Base-RegionSpot-BB.yaml")
-VOCABULARY = ("person", "rocket", "flag", "cup", "coffee", "spoon", "plate", "table")
+VOCAB.SOURCE = ("person", "rocket", "flag", "cup", "coffee", "spoon", "plate", "table")
 PHOTOS = ("astronaut", "coffee")
 
 
@@ -58,13 +58,13 @@ def build_cfg(args, cache_dir: str):
     cfg.merge_from_list([
         "MODEL.DEVICE", args.device,
         "MODEL.WEIGHTS", "",
-        "MODEL.REGIONSPOT.RANDOM_INIT_FROZEN", True,
-        "MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD", True,
+        "MODEL.REGIONSPOT.FROZEN.RANDOM_INIT", True,
+        "MODEL.REGIONSPOT.HEAD.ALLOW_RANDOM", True,
         "MODEL.REGIONSPOT.SAM.WEIGHTS", "",
         "MODEL.REGIONSPOT.CLIP.WEIGHTS", "",
-        "MODEL.REGIONSPOT.VOCABULARY", "custom",
-        "MODEL.REGIONSPOT.CUSTOM_VOCABULARY", list(args.vocabulary),
-        "MODEL.REGIONSPOT.TEXT_CACHE_DIR", cache_dir,
+        "MODEL.REGIONSPOT.VOCAB.SOURCE", "custom",
+        "MODEL.REGIONSPOT.VOCAB.CUSTOM", list(args.vocabulary),
+        "MODEL.REGIONSPOT.VOCAB.CACHE_DIR", cache_dir,
         "MODEL.REGIONSPOT.BOX_SOURCE", "GENERATOR",
         "MODEL.PROPOSAL_GENERATOR.NAME", "SamAutomaticProposals",
         "MODEL.REGIONSPOT.AMG.POINTS_PER_SIDE", args.points_per_side,
@@ -177,7 +177,7 @@ def main(argv=None):
     parser.add_argument("--config-file", default=CONFIG, help="the architecture (random weights)")
     parser.add_argument("--images", nargs="+", default=list(PHOTOS), choices=PHOTOS, help="scikit-image photos")
     parser.add_argument("--points-per-side", type=int, default=8, help="AMG grid (8: 64 point prompts)")
-    parser.add_argument("--vocabulary", nargs="+", default=list(VOCABULARY))
+    parser.add_argument("--vocabulary", nargs="+", default=list(VOCAB.SOURCE))
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each route on each image")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs (one-encoding route, first image)")

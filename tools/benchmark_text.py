@@ -9,7 +9,7 @@ K LVIS v1 names (detectron2's ``LVIS_CATEGORIES``, ``name`` field, by category i
 with the 81-template ensemble twice, by the same code the cache runs on a miss
 (:func:`regionspot.modeling.text_embeddings.encode_vocabulary`):
 
-    stock  ``stock=True``: every sentence in order, ``TEXT_BATCH_SIZE`` per forward, through
+    stock  ``stock=True``: every sentence in order, ``VOCAB.BATCH_SIZE`` per forward, through
            clip's own ``CLIP.encode_text`` at the full 77-token context (what the library did
            before the fast path).
     ours   the default: each distinct sentence once, longest first, each batch run only up to
@@ -167,7 +167,7 @@ def main(argv=None):
     parser.add_argument("--classes", nargs="+", type=int, default=[24, 12],
                         help="first K LVIS names per variant (one value for all, or one per variant); "
                              "size it so the stock path takes 1-3 minutes")
-    parser.add_argument("--batch-size", type=int, default=256, help="sentences per forward (TEXT_BATCH_SIZE)")
+    parser.add_argument("--batch-size", type=int, default=256, help="sentences per forward (VOCAB.BATCH_SIZE)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="interleave the two paths over this many chunks of the names (fair on a shared machine)")
     parser.add_argument("--full-lvis", nargs="+", default=[], choices=sorted(VARIANTS),

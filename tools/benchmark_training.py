@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu", help="MODEL.DEVICE: cpu, cuda or cuda:K")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="MODEL.REGIONSPOT.FROZEN_PRECISION (online training and extraction)")
+                   help="MODEL.REGIONSPOT.FROZEN.PRECISION (online training and extraction)")
     p.add_argument("--workdir", default="", help="where the dataset and caches go (default: a temp dir)")
     p.add_argument("--output-json", default="")
     return p.parse_args(argv)
@@ -61,13 +61,13 @@ def make_cfg(variant, workdir, batch, device, precision, cache_dir=""):
     regionspot.add_regionspot_config(cfg)
     cfg.merge_from_file(os.path.join(REPO_ROOT, CONFIGS[variant]))
     rs = cfg.MODEL.REGIONSPOT
-    rs.RANDOM_INIT_FROZEN = True
+    rs.FROZEN.RANDOM_INIT = True
     rs.SAM.WEIGHTS = rs.CLIP.WEIGHTS = ""
-    rs.TEXT_CACHE_DIR = os.path.join(workdir, "text_cache")
+    rs.VOCAB.CACHE_DIR = os.path.join(workdir, "text_cache")
     rs.FEATURE_CACHE.DIR = cache_dir
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = device
-    rs.FROZEN_PRECISION = precision
+    rs.FROZEN.PRECISION = precision
     cfg.DATASETS.TRAIN = (DATASET,)
     cfg.DATASETS.TEST = ()
     cfg.SOLVER.IMS_PER_BATCH = batch
@@ -130,9 +130,9 @@ def run_variant(variant, args, workdir):
 
 def _opts(cfg):
     rs = cfg.MODEL.REGIONSPOT
-    return ["MODEL.REGIONSPOT.RANDOM_INIT_FROZEN", "True", "MODEL.REGIONSPOT.SAM.WEIGHTS", "",
-            "MODEL.REGIONSPOT.CLIP.WEIGHTS", "", "MODEL.REGIONSPOT.TEXT_CACHE_DIR", rs.TEXT_CACHE_DIR,
-            "MODEL.DEVICE", cfg.MODEL.DEVICE, "MODEL.REGIONSPOT.FROZEN_PRECISION", rs.FROZEN_PRECISION,
+    return ["MODEL.REGIONSPOT.FROZEN.RANDOM_INIT", "True", "MODEL.REGIONSPOT.SAM.WEIGHTS", "",
+            "MODEL.REGIONSPOT.CLIP.WEIGHTS", "", "MODEL.REGIONSPOT.VOCAB.CACHE_DIR", rs.VOCAB.CACHE_DIR,
+            "MODEL.DEVICE", cfg.MODEL.DEVICE, "MODEL.REGIONSPOT.FROZEN.PRECISION", rs.FROZEN.PRECISION,
             "DATASETS.TRAIN", f"('{DATASET}',)", "DATASETS.TEST", "()"]
 
 

@@ -45,7 +45,7 @@ PROTOCOLS = {
     "authors, CLIP view antialiased (torchvision >= 0.17)": ["MODEL.REGIONSPOT.CLIP.RESIZE_ANTIALIAS", True],
     "fixed box rescale": ["MODEL.REGIONSPOT.PROTOCOL.BOX_RESCALE", "fixed"],
     "fixed mask resize": ["MODEL.REGIONSPOT.PROTOCOL.MASK_RESIZE", "fixed"],
-    "box score before top-k": ["MODEL.REGIONSPOT.BOX_SCORE_ORDER", "before_topk"],
+    "box score before top-k": ["MODEL.REGIONSPOT.SCORE.BOX_SCORE_ORDER", "before_topk"],
     "single-resize (original image)": ["INPUT.MIN_SIZE_TEST", 0],
     "boxes clipped, empty ones dropped (detectron2 proposals)": ["MODEL.REGIONSPOT.PROTOCOL.PROPOSALS", "detectron2"],
     # The proposal file itself differs: duplicate boxes merged (keeping the best score).
@@ -85,15 +85,15 @@ def build_cfg(args, overrides):
     cfg = get_regionspot_cfg(args.config_file or VARIANTS[args.variant], args.opts)
     cfg.merge_from_list([
         "MODEL.DEVICE", args.device, "MODEL.LOAD_PROPOSALS", True, "MODEL.REGIONSPOT.BOX_SOURCE", "PROPOSALS",
-        "DATASETS.TEST", (), "DATASETS.TRAIN", (), "MODEL.REGIONSPOT.VOCABULARY", "dataset",
-        "INPUT.MIN_SIZE_TEST", 800, "INPUT.MAX_SIZE_TEST", 1333, "MODEL.REGIONSPOT.TOPK", 900,
+        "DATASETS.TEST", (), "DATASETS.TRAIN", (), "MODEL.REGIONSPOT.VOCAB.SOURCE", "dataset",
+        "INPUT.MIN_SIZE_TEST", 800, "INPUT.MAX_SIZE_TEST", 1333, "MODEL.REGIONSPOT.SCORE.TOPK", 900,
         "TEST.DETECTIONS_PER_IMAGE", 300, "DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST", 1000,
         "MODEL.REGIONSPOT.PROTOCOL.BOX_RESCALE", "authors", "MODEL.REGIONSPOT.PROTOCOL.MASK_RESIZE", "authors",
-        "MODEL.REGIONSPOT.PROTOCOL.PROPOSALS", "as_given", "MODEL.REGIONSPOT.BOX_SCORE_ORDER", "after_topk",
+        "MODEL.REGIONSPOT.PROTOCOL.PROPOSALS", "as_given", "MODEL.REGIONSPOT.SCORE.BOX_SCORE_ORDER", "after_topk",
         "MODEL.REGIONSPOT.CLIP.RESIZE_ANTIALIAS", False,
     ])
     if not cfg.MODEL.REGIONSPOT.SAM.WEIGHTS or not os.path.isfile(cfg.MODEL.REGIONSPOT.SAM.WEIGHTS):
-        cfg.merge_from_list(["MODEL.REGIONSPOT.RANDOM_INIT_FROZEN", True, "MODEL.REGIONSPOT.SAM.WEIGHTS", "",
+        cfg.merge_from_list(["MODEL.REGIONSPOT.FROZEN.RANDOM_INIT", True, "MODEL.REGIONSPOT.SAM.WEIGHTS", "",
                              "MODEL.REGIONSPOT.CLIP.WEIGHTS", "", "MODEL.WEIGHTS", ""])
     cfg.merge_from_list(overrides)
     cfg.freeze()
@@ -105,7 +105,7 @@ def set_vocabulary(head, cfg, num_classes):
     LVIS's class names encoded by CLIP with real weights; with random weights, seeded random unit
     vectors (encoding 97k sentences with a random text tower would only cost time).
     """
-    if cfg.MODEL.REGIONSPOT.RANDOM_INIT_FROZEN:
+    if cfg.MODEL.REGIONSPOT.FROZEN.RANDOM_INIT:
         g = torch.Generator().manual_seed(1)
         emb = torch.randn(num_classes, head.clip.embed_dim, generator=g)
         head.set_vocabulary([f"class {i}" for i in range(num_classes)], emb / emb.norm(dim=1, keepdim=True))
@@ -237,7 +237,7 @@ def main():
                     set_vocabulary(models[key].roi_heads, cfg, args.num_classes)
                 model = models[key]
                 head = model.roi_heads
-                head.selector.box_score_order = cfg.MODEL.REGIONSPOT.BOX_SCORE_ORDER
+                head.selector.box_score_order = cfg.MODEL.REGIONSPOT.SCORE.BOX_SCORE_ORDER
                 head.mask_resize = cfg.MODEL.REGIONSPOT.PROTOCOL.MASK_RESIZE
                 start = time.perf_counter()
                 outs[proto] = run_protocol(model, cfg, merged_record(record) if proto == MERGED else record, record)

@@ -9,16 +9,16 @@ Precompute the CLIP text embeddings of a vocabulary into RegionSpot's on-disk ca
         --vocabulary custom --custom-vocabulary "cat,dog,sofa" --output sofa_vocab.pt
 
 Only CLIP is built, from the config's ``MODEL.REGIONSPOT.CLIP.*`` exactly as the model builds it
-(``RANDOM_INIT_FROZEN`` with seed ``RANDOM_INIT_SEED + 1``), so the cache entry is the one the model
+(``FROZEN.RANDOM_INIT`` with seed ``FROZEN.SEED + 1``), so the cache entry is the one the model
 reads: entries are keyed by the text tower's weights, the prompt templates and the class names in
-order. The cache is ``MODEL.REGIONSPOT.TEXT_CACHE_DIR`` (default ``$REGIONSPOT_CACHE`` or
+order. The cache is ``MODEL.REGIONSPOT.VOCAB.CACHE_DIR`` (default ``$REGIONSPOT_CACHE`` or
 ``~/.cache/regionspot``).
 
 ``--vocabulary`` names a built-in list (``lvis``: LVIS v1 category names; ``coco``; ``objects365``:
 Objects365 v1; ``custom``) or a registered detectron2 dataset, whose ``thing_classes`` are the
 vocabulary the model uses when evaluating on it (``lvis_v1_val``'s differ from ``lvis`` in one name:
 detectron2 calls category 'bull' 'horned_cow'). Without ``--vocabulary`` the config's own vocabulary
-is used (``MODEL.REGIONSPOT.VOCABULARY`` / the first test dataset).
+is used (``MODEL.REGIONSPOT.VOCAB.SOURCE`` / the first test dataset).
 
 ``--output`` also writes the [C, D] embeddings (rows in vocabulary order): ``.pt`` (a tensor) or
 ``.npy``.
@@ -102,16 +102,16 @@ def main(argv=None):
     names, source = resolve_vocabulary(args, cfg)
     names = [str(n) for n in names]
     logger.info(f"Vocabulary: {source}, {len(names)} classes; CLIP {rs.CLIP.TYPE} ({rs.CLIP.WEIGHTS or 'random weights'})")
-    if rs.RANDOM_INIT_FROZEN:
+    if rs.FROZEN.RANDOM_INIT:
         logger.warning(
-            "MODEL.REGIONSPOT.RANDOM_INIT_FROZEN is on: CLIP has random stand-in weights (the embeddings are "
+            "MODEL.REGIONSPOT.FROZEN.RANDOM_INIT is on: CLIP has random stand-in weights (the embeddings are "
             "only good for tests)."
         )
 
     start = time.perf_counter()
     # Same construction (and seed) as RegionSpotROIHeads.from_config, so the cache key matches.
     clip = ClipDenseFeatures(
-        build_clip(rs.CLIP.TYPE, rs.CLIP.WEIGHTS, rs.RANDOM_INIT_FROZEN, rs.RANDOM_INIT_SEED + 1),
+        build_clip(rs.CLIP.TYPE, rs.CLIP.WEIGHTS, rs.FROZEN.RANDOM_INIT, rs.FROZEN.SEED + 1),
         rs.CLIP.INPUT_SIZE,
     )
     device = cfg.MODEL.DEVICE
@@ -119,11 +119,11 @@ def main(argv=None):
         logger.warning(f"MODEL.DEVICE={device!r} but CUDA is not available: encoding on the CPU.")
         device = "cpu"
     clip.to(device)
-    cache = TextEmbeddingCache(rs.TEXT_CACHE_DIR or None)
+    cache = TextEmbeddingCache(rs.VOCAB.CACHE_DIR or None)
     path = cache.path(cache.key(clip, names, PROMPT_TEMPLATES))
     before = os.path.getmtime(path) if os.path.isfile(path) else None
     with torch.no_grad():
-        embeddings = cache.get(clip, names, PROMPT_TEMPLATES, batch_size=rs.TEXT_BATCH_SIZE)
+        embeddings = cache.get(clip, names, PROMPT_TEMPLATES, batch_size=rs.VOCAB.BATCH_SIZE)
     elapsed = time.perf_counter() - start
     hit = before is not None and os.path.isfile(path) and os.path.getmtime(path) == before
 

@@ -152,7 +152,7 @@ def describe_box_source(cfg) -> str:
         return "GT (the annotated boxes are the prompts)"
     if rs.BOX_SOURCE == "PROPOSALS":
         folder = os.path.dirname(cfg.DATASETS.PROPOSAL_FILES_TEST[0]) if cfg.DATASETS.PROPOSAL_FILES_TEST else "?"
-        scores = "box score x class probability" if rs.USE_BOX_SCORES else "box scores ignored"
+        scores = "box score x class probability" if rs.SCORE.USE_BOX_SCORES else "box scores ignored"
         return f"proposal files {folder}/<dataset name>.pkl ({scores})"
     return f"proposal generator {cfg.MODEL.PROPOSAL_GENERATOR.NAME}"
 
@@ -220,8 +220,8 @@ def main(args, entries, skipped):
     with local_main_process_first():  # text embeddings encoded once per machine, into the cache
         model = build_model(cfg)
     RegionSpotCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-    if cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS:  # MODEL.WEIGHTS was a detector's (GeneralizedRCNN recipes)
-        load_head_weights(model, cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS)
+    if cfg.MODEL.REGIONSPOT.HEAD.WEIGHTS:  # MODEL.WEIGHTS was a detector's (GeneralizedRCNN recipes)
+        load_head_weights(model, cfg.MODEL.REGIONSPOT.HEAD.WEIGHTS)
     check_head_weights(cfg, model)
     names = list(cfg.DATASETS.TEST)
     # Box AP only: ODinW has no instance masks (Roboflow's segmentation fields are empty or boxes).

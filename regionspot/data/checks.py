@@ -29,7 +29,7 @@ def _check_weight_paths(cfg) -> None:
         ("MODEL.WEIGHTS", cfg.MODEL.WEIGHTS),
         ("MODEL.REGIONSPOT.SAM.WEIGHTS", rs.SAM.WEIGHTS),
         ("MODEL.REGIONSPOT.CLIP.WEIGHTS", rs.CLIP.WEIGHTS),
-        ("MODEL.REGIONSPOT.HEAD_WEIGHTS", rs.HEAD_WEIGHTS),
+        ("MODEL.REGIONSPOT.HEAD.WEIGHTS", rs.HEAD.WEIGHTS),
         ("MODEL.REGIONSPOT.DETECTOR.WEIGHTS", rs.DETECTOR.WEIGHTS),
     ]
     for key, path in paths:

@@ -30,7 +30,7 @@ of all of the above, checked on every load: a truncated or altered file raises
 stored with N = 0.
 
 ``manifest.json`` records the format version, the dtype, the datasets (number of images, views),
-the view definitions, ``FROZEN_PRECISION`` (features made under fp16/bf16 autocast are not those of
+the view definitions, ``FROZEN.PRECISION`` (features made under fp16/bf16 autocast are not those of
 fp32) and, for SAM and CLIP, the TYPE, the weights fingerprint, CLIP's INPUT_SIZE and the feature
 dimensions.
 
@@ -238,13 +238,13 @@ _CFG_FIELDS = (
     (("dtype",), "the feature dtype"),
     (("sam", "type"), "MODEL.REGIONSPOT.SAM.TYPE"),
     (("sam", "weights_sha256"), "the SHA-256 of MODEL.REGIONSPOT.SAM.WEIGHTS (None: seeded random weights)"),
-    (("sam", "random_init_seed"), "MODEL.REGIONSPOT.RANDOM_INIT_SEED (SAM's random weights)"),
+    (("sam", "random_init_seed"), "MODEL.REGIONSPOT.FROZEN.SEED (SAM's random weights)"),
     (("clip", "type"), "MODEL.REGIONSPOT.CLIP.TYPE"),
     (("clip", "weights_sha256"), "the SHA-256 of MODEL.REGIONSPOT.CLIP.WEIGHTS (None: seeded random weights)"),
-    (("clip", "random_init_seed"), "MODEL.REGIONSPOT.RANDOM_INIT_SEED (CLIP's random weights)"),
+    (("clip", "random_init_seed"), "MODEL.REGIONSPOT.FROZEN.SEED (CLIP's random weights)"),
     (("clip", "input_size"), "MODEL.REGIONSPOT.CLIP.INPUT_SIZE"),
     (("clip", "resize_antialias"), "MODEL.REGIONSPOT.CLIP.RESIZE_ANTIALIAS"),
-    (("frozen_precision",), "MODEL.REGIONSPOT.FROZEN_PRECISION (None: a cache written before it was recorded)"),
+    (("frozen_precision",), "MODEL.REGIONSPOT.FROZEN.PRECISION (None: a cache written before it was recorded)"),
 )
 _MODEL_FIELDS = (
     (("sam", "tensors_sha256"), "the fingerprint of SAM's weight tensors"),
@@ -253,7 +253,7 @@ _MODEL_FIELDS = (
     (("clip", "input_size"), "CLIP's input size (MODEL.REGIONSPOT.CLIP.INPUT_SIZE)"),
     (("clip", "num_tokens"), "the number of CLIP feature tokens"),
     (("clip", "width"), "CLIP's feature width"),
-    (("frozen_precision",), "the frozen models' precision (MODEL.REGIONSPOT.FROZEN_PRECISION)"),
+    (("frozen_precision",), "the frozen models' precision (MODEL.REGIONSPOT.FROZEN.PRECISION)"),
 )
 
 
@@ -390,7 +390,7 @@ class FeatureCache:
         calls this with):
 
         * a config's settings (they hold ``format_version``; ``settings_from_cfg``): frozen-model
-          types, weights fingerprints, RANDOM_INIT_SEED, CLIP.INPUT_SIZE, precision, and the tensor
+          types, weights fingerprints, FROZEN.SEED, CLIP.INPUT_SIZE, precision, and the tensor
           fingerprints of seeded random weights. Settings without fingerprints (no
           ``weights_sha256``) are compared without them: a first check that hashes nothing.
         * a built model's fingerprints (``frozen_fingerprints``): tensor fingerprints, dimensions,

@@ -23,7 +23,7 @@ where the detector found nothing (pass the dataset's ids as ``image_ids``).
 
 The detector's score ``p`` is stored as the logit ``log(p / (1 - p))`` so that
 ``sigmoid(objectness_logits)`` gives the score back; RegionSpot multiplies its class
-probabilities by it (``MODEL.REGIONSPOT.USE_BOX_SCORES``).
+probabilities by it (``MODEL.REGIONSPOT.SCORE.USE_BOX_SCORES``).
 """
 import json
 import logging

@@ -225,7 +225,7 @@ def run(args):
                 stats["skipped"] += 1
             else:
                 try:
-                    for view, fields in extract_image(head, d, todo, cfg.MODEL.REGIONSPOT.PROMPT_CHUNK_SIZE):
+                    for view, fields in extract_image(head, d, todo, cfg.MODEL.REGIONSPOT.SAM.PROMPT_CHUNK_SIZE):
                         stats["bytes"] += cache.save(name, view.name, d["image_id"], **fields)
                         stats["records"] += 1
                         stats["regions"] += len(fields["gt_classes"])

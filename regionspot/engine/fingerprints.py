@@ -8,8 +8,8 @@ weights are used):
 * a weights file (``SAM.WEIGHTS`` / ``CLIP.WEIGHTS``): the SHA-256 of the WHOLE file (any change of
   any weight is detected; ~1 s for SAM ViT-B's 360 MB, memoised per (path, size, mtime) within a
   process). The path itself is not compared: moving the file is fine.
-* seeded random weights (``RANDOM_INIT_FROZEN`` with empty WEIGHTS, tests and benchmarks only): the
-  ``RANDOM_INIT_SEED`` and the SHA-256 of the model's state-dict tensors, for which the check builds
+* seeded random weights (``FROZEN.RANDOM_INIT`` with empty WEIGHTS, tests and benchmarks only): the
+  ``FROZEN.SEED`` and the SHA-256 of the model's state-dict tensors, for which the check builds
   the (random) models once. This also catches a change of the architecture code.
 
 The manifest also stores the SHA-256 of the state-dict tensors of the models the features were made
@@ -50,7 +50,7 @@ def _frozen_model_cfg(cfg, device: Optional[str] = None):
     c.defrost()
     c.DATASETS.TRAIN = ()
     c.DATASETS.TEST = ()
-    c.MODEL.REGIONSPOT.VOCABULARY = "dataset"
+    c.MODEL.REGIONSPOT.VOCAB.SOURCE = "dataset"
     c.MODEL.REGIONSPOT.BOX_SOURCE = "GT"
     c.MODEL.LOAD_PROPOSALS = False
     c.MODEL.WEIGHTS = ""
@@ -94,7 +94,7 @@ def frozen_fingerprints(model) -> dict:
 
 def _random_fingerprints(cfg) -> dict:
     rs = cfg.MODEL.REGIONSPOT
-    key = (rs.SAM.TYPE, rs.SAM.WEIGHTS, rs.CLIP.TYPE, rs.CLIP.WEIGHTS, rs.CLIP.INPUT_SIZE, rs.RANDOM_INIT_SEED)
+    key = (rs.SAM.TYPE, rs.SAM.WEIGHTS, rs.CLIP.TYPE, rs.CLIP.WEIGHTS, rs.CLIP.INPUT_SIZE, rs.FROZEN.SEED)
     if key not in _RANDOM_FINGERPRINTS:
         _RANDOM_FINGERPRINTS[key] = frozen_fingerprints(build_frozen_head(cfg, device="cpu"))
     return _RANDOM_FINGERPRINTS[key]
@@ -119,10 +119,10 @@ def settings_from_cfg(cfg, model=None, *, fingerprints: bool = True) -> dict:
         out[part] = {"type": node.TYPE, "weights": weights}
         if fingerprints:
             out[part]["weights_sha256"] = file_sha256(weights) if weights else None
-        out[part]["random_init_seed"] = None if weights else int(rs.RANDOM_INIT_SEED)
+        out[part]["random_init_seed"] = None if weights else int(rs.FROZEN.SEED)
     out["clip"]["input_size"] = int(rs.CLIP.INPUT_SIZE)
     out["clip"]["resize_antialias"] = bool(rs.CLIP.RESIZE_ANTIALIAS)
-    out["frozen_precision"] = rs.FROZEN_PRECISION
+    out["frozen_precision"] = rs.FROZEN.PRECISION
     if not fingerprints:
         return out
     prints = frozen_fingerprints(model) if model is not None else None
@@ -137,7 +137,7 @@ def settings_from_cfg(cfg, model=None, *, fingerprints: bool = True) -> dict:
 def check_feature_cache(cache: FeatureCache, cfg_or_model, datasets: Optional[Iterable[str]] = None) -> None:
     """
     Raise :class:`regionspot.data.feature_cache.StaleFeatureCacheError` unless ``cache`` was made
-    with the frozen models of a config (frozen-model types, weights fingerprints, RANDOM_INIT_SEED,
+    with the frozen models of a config (frozen-model types, weights fingerprints, FROZEN.SEED,
     CLIP.INPUT_SIZE: what the config says is compared first, before any file is hashed or model
     built) or of a built model (tensor fingerprints, dimensions), and
     :class:`~regionspot.data.feature_cache.FeatureCacheError` when one of ``datasets`` (default for

@@ -90,7 +90,7 @@ def check_amp_device(cfg):
         raise ValueError(
             f"SOLVER.AMP.ENABLED=True needs a CUDA device (detectron2's AMPTrainer is CUDA-only), but "
             f"MODEL.DEVICE={cfg.MODEL.DEVICE!r}. Set SOLVER.AMP.ENABLED False; the frozen SAM and CLIP can "
-            "still run in reduced precision with MODEL.REGIONSPOT.FROZEN_PRECISION bf16."
+            "still run in reduced precision with MODEL.REGIONSPOT.FROZEN.PRECISION bf16."
         )
 
 
@@ -99,12 +99,12 @@ def evaluate_only(cfg, resume: bool = False):
     Evaluate the model of ``cfg`` on DATASETS.TEST (what ``train_net.py --eval-only`` does): refuse
     a fusion module that nothing would load, build the model without training vocabularies, load
     ``MODEL.WEIGHTS`` (or OUTPUT_DIR's last checkpoint with ``resume``) and then
-    ``MODEL.REGIONSPOT.HEAD_WEIGHTS``, check what was loaded, and evaluate.
+    ``MODEL.REGIONSPOT.HEAD.WEIGHTS``, check what was loaded, and evaluate.
 
     Returns:
         the results of :meth:`Trainer.test` (dataset name -> task -> metrics).
     """
-    # A fusion module with random weights is evaluated only with MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD.
+    # A fusion module with random weights is evaluated only with MODEL.REGIONSPOT.HEAD.ALLOW_RANDOM.
     check_head_weights(cfg, resume=resume)
     # Evaluation needs no training vocabularies (nor the training datasets' files).
     eval_cfg = cfg.clone()
@@ -113,8 +113,8 @@ def evaluate_only(cfg, resume: bool = False):
     eval_cfg.freeze()
     model = Trainer.build_model(eval_cfg)
     RegionSpotCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
-    if cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS:  # MODEL.WEIGHTS was the detector's (GeneralizedRCNN recipes)
-        load_head_weights(model, cfg.MODEL.REGIONSPOT.HEAD_WEIGHTS)
+    if cfg.MODEL.REGIONSPOT.HEAD.WEIGHTS:  # MODEL.WEIGHTS was the detector's (GeneralizedRCNN recipes)
+        load_head_weights(model, cfg.MODEL.REGIONSPOT.HEAD.WEIGHTS)
     check_head_weights(cfg, model)  # what the loaders actually loaded
     res = Trainer.test(cfg, model)
     if comm.is_main_process():

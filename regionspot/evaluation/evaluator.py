@@ -375,7 +375,7 @@ def evaluate_datasets(
 ) -> Dict[str, dict]:
     """
     Evaluate ``model`` on each dataset, with that dataset's class names as the vocabulary (unless
-    ``MODEL.REGIONSPOT.VOCABULARY`` is "custom"), and write a protocol card for each result.
+    ``MODEL.REGIONSPOT.VOCAB.SOURCE`` is "custom"), and write a protocol card for each result.
 
     Args:
         cfg: the evaluation config.
@@ -395,7 +395,7 @@ def evaluate_datasets(
     results = OrderedDict()
     cards = []
     for idx, name in enumerate(names):
-        if cfg.MODEL.REGIONSPOT.VOCABULARY == "dataset" and head is not None and hasattr(head, "set_vocabulary"):
+        if cfg.MODEL.REGIONSPOT.VOCAB.SOURCE == "dataset" and head is not None and hasattr(head, "set_vocabulary"):
             head.set_vocabulary(dataset_class_names(name))
         one = _one_dataset_cfg(cfg, names, idx)
         evaluator = evaluators[idx] if evaluators is not None else build_regionspot_evaluator(one, name)

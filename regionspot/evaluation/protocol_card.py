@@ -101,7 +101,7 @@ def _box_source(cfg) -> Dict[str, object]:
         return {
             "kind": "proposal file",
             "files": [_file_fingerprint(f) for f in files],
-            "box_scores": "multiplied" if rs.USE_BOX_SCORES else "ignored",
+            "box_scores": "multiplied" if rs.SCORE.USE_BOX_SCORES else "ignored",
             "max_per_image": None if rs.PROTOCOL.PROPOSALS == "as_given" else int(cfg.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST),
         }
     generator = cfg.MODEL.PROPOSAL_GENERATOR.NAME
@@ -113,9 +113,9 @@ def _vocabulary(cfg, dataset_name: str, model) -> Dict[str, object]:
     rs = cfg.MODEL.REGIONSPOT
     head = getattr(getattr(model, "module", model), "roi_heads", None)
     names: Sequence[str] = list(getattr(head, "class_names", []) or [])
-    if rs.VOCABULARY == "custom":
-        source = "custom (MODEL.REGIONSPOT.CUSTOM_VOCABULARY)"
-        names = names or list(rs.CUSTOM_VOCABULARY)
+    if rs.VOCAB.SOURCE == "custom":
+        source = "custom (MODEL.REGIONSPOT.VOCAB.CUSTOM)"
+        names = names or list(rs.VOCAB.CUSTOM)
     else:
         source = f"dataset {dataset_name}"
         names = names or list(MetadataCatalog.get(dataset_name).get("thing_classes", []) or [])
@@ -170,20 +170,20 @@ def build_protocol_card(cfg, dataset_name: str, model=None, results: Optional[di
         "image_scale": image_scale_protocol(cfg),
         "vocabulary": _vocabulary(cfg, dataset_name, model),
         "scoring": {
-            "mode": rs.SCORING,
-            "class_score": rs.CLASS_SCORE,
-            "pairs_per_image": int(rs.TOPK) if rs.SCORING == "topk_pairs" else None,
-            "box_score_order": rs.BOX_SCORE_ORDER,
+            "mode": rs.SCORE.MODE,
+            "class_score": rs.SCORE.CLASS_SCORE,
+            "pairs_per_image": int(rs.SCORE.TOPK) if rs.SCORE.MODE == "topk_pairs" else None,
+            "box_score_order": rs.SCORE.BOX_SCORE_ORDER,
             "detections_per_image": int(cfg.TEST.DETECTIONS_PER_IMAGE),
             "score_thresh": float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST),
         },
         "weights": {
             "checkpoint": _file_fingerprint(cfg.MODEL.WEIGHTS),
-            "head_weights": _file_fingerprint(rs.HEAD_WEIGHTS),
-            "sam": _frozen_weights(rs.SAM, rs.RANDOM_INIT_FROZEN, rs.RANDOM_INIT_SEED),
-            "clip": dict(_frozen_weights(rs.CLIP, rs.RANDOM_INIT_FROZEN, rs.RANDOM_INIT_SEED),
+            "head_weights": _file_fingerprint(rs.HEAD.WEIGHTS),
+            "sam": _frozen_weights(rs.SAM, rs.FROZEN.RANDOM_INIT, rs.FROZEN.SEED),
+            "clip": dict(_frozen_weights(rs.CLIP, rs.FROZEN.RANDOM_INIT, rs.FROZEN.SEED),
                          input_size=int(rs.CLIP.INPUT_SIZE)),
-            "frozen_precision": rs.FROZEN_PRECISION,
+            "frozen_precision": rs.FROZEN.PRECISION,
         },
         "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
         "device": cfg.MODEL.DEVICE,
@@ -191,10 +191,10 @@ def build_protocol_card(cfg, dataset_name: str, model=None, results: Optional[di
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     warnings = []
-    if card["vocabulary"]["size"] == 1 and rs.CLASS_SCORE == "softmax":
+    if card["vocabulary"]["size"] == 1 and rs.SCORE.CLASS_SCORE == "softmax":
         warnings.append(
             "one-class vocabulary with softmax scores: every score is 1.0, so the AP measures the boxes only "
-            "(MODEL.REGIONSPOT.CLASS_SCORE sigmoid scores each class on its own)"
+            "(MODEL.REGIONSPOT.SCORE.CLASS_SCORE sigmoid scores each class on its own)"
         )
     if warnings:
         card["warnings"] = warnings

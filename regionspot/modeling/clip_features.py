@@ -115,7 +115,7 @@ def build_clip(clip_type: str, weights: str = "", random_init: bool = False, see
             raise ValueError(
                 "MODEL.REGIONSPOT.CLIP.WEIGHTS is empty: point it at OpenAI's CLIP archive for "
                 f"CLIP.TYPE={clip_type!r} (e.g. ViT-B-16.pt), or set "
-                "MODEL.REGIONSPOT.RANDOM_INIT_FROZEN=True for random stand-in weights (tests only)."
+                "MODEL.REGIONSPOT.FROZEN.RANDOM_INIT=True for random stand-in weights (tests only)."
             )
         with seeded(seed):
             model = CLIP(context_length=_CONTEXT_LENGTH, vocab_size=_VOCAB_SIZE, **CLIP_ARCHS[clip_type])
@@ -295,7 +295,7 @@ class ClipDenseFeatures(FrozenModule):
         """
         model = self.model
         tokens = tokens.to(self.device)
-        # Always fp32: the embedding cache does not depend on FROZEN_PRECISION.
+        # Always fp32: the embedding cache does not depend on FROZEN.PRECISION.
         if stock or tokens.shape[0] == 0:
             return model.encode_text(tokens).float()
         n_ctx = tokens.shape[-1]

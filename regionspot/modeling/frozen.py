@@ -39,7 +39,7 @@ class FrozenModule(nn.Module):
     def set_precision(self, precision: str):
         if precision not in PRECISIONS:
             raise ValueError(
-                f"MODEL.REGIONSPOT.FROZEN_PRECISION={precision!r}: use one of {', '.join(PRECISIONS)}."
+                f"MODEL.REGIONSPOT.FROZEN.PRECISION={precision!r}: use one of {', '.join(PRECISIONS)}."
             )
         self.precision = precision
         return self
@@ -55,7 +55,7 @@ class FrozenModule(nn.Module):
             return torch.autocast(device_type=device.type, enabled=False)
         if self.precision == "bf16" and device.type == "cuda" and not _cuda_bf16_supported(device):
             raise RuntimeError(
-                f"MODEL.REGIONSPOT.FROZEN_PRECISION='bf16' but {torch.cuda.get_device_name(device)} has no bf16 "
+                f"MODEL.REGIONSPOT.FROZEN.PRECISION='bf16' but {torch.cuda.get_device_name(device)} has no bf16 "
                 "support: use 'fp16' (or 'fp32')."
             )
         return torch.autocast(device_type=device.type, dtype=PRECISIONS[self.precision])

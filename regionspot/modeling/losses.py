@@ -21,7 +21,7 @@ def region_focal_loss(
         logits: [B, N_max, C] logits of B images' regions, padded to N_max per image.
         labels: per image [N_i] class indices into the C classes (N_i <= N_max; rows beyond N_i
             of ``logits`` are padding and ignored).
-        alpha, gamma: the focal loss's (``MODEL.REGIONSPOT.FOCAL_ALPHA`` / ``FOCAL_GAMMA``).
+        alpha, gamma: the focal loss's (``MODEL.REGIONSPOT.LOSS.FOCAL_ALPHA`` / ``LOSS.FOCAL_GAMMA``).
 
     Returns:
         scalar loss (connected to ``logits`` even when no image has a region).

@@ -50,7 +50,7 @@ def select_detections(
         region indices [K], class indices [K], scores [K], sorted by descending score.
     """
     if box_score_order not in BOX_SCORE_ORDERS:
-        raise ValueError(f"MODEL.REGIONSPOT.BOX_SCORE_ORDER={box_score_order!r}: use one of {BOX_SCORE_ORDERS}.")
+        raise ValueError(f"MODEL.REGIONSPOT.SCORE.BOX_SCORE_ORDER={box_score_order!r}: use one of {BOX_SCORE_ORDERS}.")
     after_topk = mode == "topk_pairs" and box_scores is not None and box_score_order == "after_topk"
     scores = probs if box_scores is None or after_topk else probs * box_scores[:, None]
     num_classes = scores.shape[1]
@@ -68,7 +68,7 @@ def select_detections(
         order = top.argsort(descending=True)
         top, classes, regions = top[order], classes[order], order
     else:
-        raise ValueError(f"MODEL.REGIONSPOT.SCORING={mode!r}: use one of {SCORING_MODES}.")
+        raise ValueError(f"MODEL.REGIONSPOT.SCORE.MODE={mode!r}: use one of {SCORING_MODES}.")
     keep = top > score_thresh
     if valid_regions is not None:
         keep &= valid_regions[regions]
@@ -84,11 +84,11 @@ class DetectionSelector:
     The detections of one image from its regions' class scores (see :func:`select_detections`).
 
     Attributes:
-        scoring: "topk_pairs" or "per_region" (``MODEL.REGIONSPOT.SCORING``).
-        topk: k of "topk_pairs" (``MODEL.REGIONSPOT.TOPK``).
+        scoring: "topk_pairs" or "per_region" (``MODEL.REGIONSPOT.SCORE.MODE``).
+        topk: k of "topk_pairs" (``MODEL.REGIONSPOT.SCORE.TOPK``).
         detections_per_image: cap (``TEST.DETECTIONS_PER_IMAGE``); <= 0 for none.
         score_thresh: minimum score (``MODEL.ROI_HEADS.SCORE_THRESH_TEST``).
-        box_score_order: "after_topk" or "before_topk" (``MODEL.REGIONSPOT.BOX_SCORE_ORDER``).
+        box_score_order: "after_topk" or "before_topk" (``MODEL.REGIONSPOT.SCORE.BOX_SCORE_ORDER``).
     """
 
     scoring: str = "topk_pairs"
@@ -99,21 +99,21 @@ class DetectionSelector:
 
     def __post_init__(self):
         if self.scoring not in SCORING_MODES:
-            raise ValueError(f"MODEL.REGIONSPOT.SCORING={self.scoring!r}: use one of {SCORING_MODES}.")
+            raise ValueError(f"MODEL.REGIONSPOT.SCORE.MODE={self.scoring!r}: use one of {SCORING_MODES}.")
         if self.box_score_order not in BOX_SCORE_ORDERS:
             raise ValueError(
-                f"MODEL.REGIONSPOT.BOX_SCORE_ORDER={self.box_score_order!r}: use one of {BOX_SCORE_ORDERS}."
+                f"MODEL.REGIONSPOT.SCORE.BOX_SCORE_ORDER={self.box_score_order!r}: use one of {BOX_SCORE_ORDERS}."
             )
 
     @classmethod
     def from_config(cls, cfg) -> "DetectionSelector":
         rs = cfg.MODEL.REGIONSPOT
         return cls(
-            scoring=rs.SCORING,
-            topk=rs.TOPK,
+            scoring=rs.SCORE.MODE,
+            topk=rs.SCORE.TOPK,
             detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
             score_thresh=cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
-            box_score_order=rs.BOX_SCORE_ORDER,
+            box_score_order=rs.SCORE.BOX_SCORE_ORDER,
         )
 
     def __call__(

@@ -5,7 +5,7 @@ SAM's automatic mask generator as a detectron2 proposal generator.
 ``segment_anything.SamAutomaticMaskGenerator`` (a grid of point prompts, filtering by predicted IoU
 and stability, box NMS) on each image and returns the boxes of the masks it keeps as detectron2
 proposals: ``proposal_boxes`` and ``objectness_logits`` (the logit of SAM's predicted IoU), so the
-RegionSpot head can multiply class probabilities by SAM's own confidence (``USE_BOX_SCORES``).
+RegionSpot head can multiply class probabilities by SAM's own confidence (``SCORE.USE_BOX_SCORES``).
 
 SAM's image encoder is by far the costliest step (seconds per image for ViT-B on a CPU), and the
 RegionSpot head needs the same image embedding to decode its region prompts. The generator
@@ -171,8 +171,8 @@ class SamAutomaticProposals(nn.Module):
             "sam_spec": {
                 "sam_type": rs.SAM.TYPE,
                 "weights": rs.SAM.WEIGHTS,
-                "random_init": rs.RANDOM_INIT_FROZEN,
-                "seed": rs.RANDOM_INIT_SEED,  # the seed of the head's SAM: the same weights
+                "random_init": rs.FROZEN.RANDOM_INIT,
+                "seed": rs.FROZEN.SEED,  # the seed of the head's SAM: the same weights
             },
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
@@ -192,7 +192,7 @@ class SamAutomaticProposals(nn.Module):
         Args:
             sam: the RegionSpot head's ``SamRegionTokens`` (``roi_heads.sam``): images are then
                 encoded by its ``encode_images``, exactly as the head encodes them (same resize,
-                batching and ``FROZEN_PRECISION``), so the head can use the states of
+                batching and ``FROZEN.PRECISION``), so the head can use the states of
                 :meth:`propose_with_image_states`; or a stock ``segment_anything.Sam``, which is
                 wrapped with the stock forwards (``SamRegionTokens(sam, fast=False)``).
         """

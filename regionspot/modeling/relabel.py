@@ -102,12 +102,12 @@ class RegionSpotRelabel(nn.Module):
     ``objectness_logits`` for a proposal network) at the input's size. Those boxes are the prompts of
     the ``RegionSpotROIHeads`` (``roi_heads``), which reads the input image itself.
 
-    Scoring follows ``MODEL.REGIONSPOT.SCORING``:
+    Scoring follows ``MODEL.REGIONSPOT.SCORE.MODE``:
 
     * ``topk_pairs``: the head's protocol (top-k (box, class) pairs, class probability x detector
-      score when ``USE_BOX_SCORES``, ``TEST.DETECTIONS_PER_IMAGE``);
+      score when ``SCORE.USE_BOX_SCORES``, ``TEST.DETECTIONS_PER_IMAGE``);
     * ``per_region``: one result per detector box, in the detector's order, with its best class
-      (score = class probability, x detector score when ``USE_BOX_SCORES``).
+      (score = class probability, x detector score when ``SCORE.USE_BOX_SCORES``).
 
     The detector is frozen (``requires_grad`` off, always in eval mode) and not part of the state
     dict: its weights always come from ``DETECTOR.WEIGHTS``; ``MODEL.WEIGHTS`` is the RegionSpot
@@ -166,8 +166,8 @@ class RegionSpotRelabel(nn.Module):
         rs = cfg.MODEL.REGIONSPOT
         det_cfg = load_detector_config(rs.DETECTOR.CONFIG, rs.DETECTOR.WEIGHTS, rs.DETECTOR.OPTS, cfg.MODEL.DEVICE)
         roi_heads = build_roi_heads(cfg, {})
-        if rs.HEAD_WEIGHTS:
-            load_head_weights(roi_heads, rs.HEAD_WEIGHTS)
+        if rs.HEAD.WEIGHTS:
+            load_head_weights(roi_heads, rs.HEAD.WEIGHTS)
         return {
             "detector": build_detector(det_cfg),
             "roi_heads": roi_heads,
@@ -175,8 +175,8 @@ class RegionSpotRelabel(nn.Module):
             "detector_input_format": det_cfg.INPUT.FORMAT,
             "detector_min_size": det_cfg.INPUT.MIN_SIZE_TEST,
             "detector_max_size": det_cfg.INPUT.MAX_SIZE_TEST,
-            "per_region": rs.SCORING == "per_region",
-            "use_box_scores": rs.USE_BOX_SCORES,
+            "per_region": rs.SCORE.MODE == "per_region",
+            "use_box_scores": rs.SCORE.USE_BOX_SCORES,
         }
 
     @property

@@ -135,14 +135,14 @@ class RegionSpotROIHeads(nn.Module):
         # before build_model moves the whole model there.
         device = torch.device(cfg.MODEL.DEVICE)
         sam = SamRegionTokens(
-            build_sam(rs.SAM.TYPE, rs.SAM.WEIGHTS, rs.RANDOM_INIT_FROZEN, rs.RANDOM_INIT_SEED),
+            build_sam(rs.SAM.TYPE, rs.SAM.WEIGHTS, rs.FROZEN.RANDOM_INIT, rs.FROZEN.SEED),
             fast=rs.SAM.FAST_PATH,
-        ).set_precision(rs.FROZEN_PRECISION).to(device)
+        ).set_precision(rs.FROZEN.PRECISION).to(device)
         clip = ClipDenseFeatures(
-            build_clip(rs.CLIP.TYPE, rs.CLIP.WEIGHTS, rs.RANDOM_INIT_FROZEN, rs.RANDOM_INIT_SEED + 1),
+            build_clip(rs.CLIP.TYPE, rs.CLIP.WEIGHTS, rs.FROZEN.RANDOM_INIT, rs.FROZEN.SEED + 1),
             rs.CLIP.INPUT_SIZE,
             antialias=rs.CLIP.RESIZE_ANTIALIAS,
-        ).set_precision(rs.FROZEN_PRECISION).to(device)
+        ).set_precision(rs.FROZEN.PRECISION).to(device)
         fusion = RegionSpotFusion(
             token_dim=sam.token_dim,
             clip_dim=clip.width,
@@ -156,9 +156,9 @@ class RegionSpotROIHeads(nn.Module):
             embed_dim=clip.embed_dim,
             logit_scale=clip.logit_scale,
             text_encoder=PromptEnsembleEncoder(
-                clip, TextEmbeddingCache(rs.TEXT_CACHE_DIR or None), batch_size=rs.TEXT_BATCH_SIZE
+                clip, TextEmbeddingCache(rs.VOCAB.CACHE_DIR or None), batch_size=rs.VOCAB.BATCH_SIZE
             ),
-            class_score=rs.CLASS_SCORE,
+            class_score=rs.SCORE.CLASS_SCORE,
             class_names=vocabulary_from_config(cfg, required=False),
         )
         return {
@@ -167,13 +167,13 @@ class RegionSpotROIHeads(nn.Module):
             "fusion": fusion,
             "classifier": classifier,
             "selector": DetectionSelector.from_config(cfg),
-            "use_box_scores": rs.USE_BOX_SCORES,
-            "mask_on": rs.MASK_ON,
+            "use_box_scores": rs.SCORE.USE_BOX_SCORES,
+            "mask_on": rs.MASK.ENABLED,
             "mask_resize": rs.PROTOCOL.MASK_RESIZE,
-            "mask_second_pass_min_prompts": rs.MASK_SECOND_PASS_MIN_PROMPTS,
-            "prompt_chunk_size": rs.PROMPT_CHUNK_SIZE,
-            "focal_alpha": rs.FOCAL_ALPHA,
-            "focal_gamma": rs.FOCAL_GAMMA,
+            "mask_second_pass_min_prompts": rs.MASK.SECOND_PASS_MIN_PROMPTS,
+            "prompt_chunk_size": rs.SAM.PROMPT_CHUNK_SIZE,
+            "focal_alpha": rs.LOSS.FOCAL_ALPHA,
+            "focal_gamma": rs.LOSS.FOCAL_GAMMA,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,

@@ -131,7 +131,7 @@ def build_sam(sam_type: str, weights: str = "", random_init: bool = False, seed:
         raise ValueError(
             "MODEL.REGIONSPOT.SAM.WEIGHTS is empty: point it at SAM's official weights "
             f"(e.g. sam_vit_b_01ec64.pth for SAM.TYPE={sam_type!r}), or set "
-            "MODEL.REGIONSPOT.RANDOM_INIT_FROZEN=True for random stand-in weights (tests only)."
+            "MODEL.REGIONSPOT.FROZEN.RANDOM_INIT=True for random stand-in weights (tests only)."
         )
     if weights and not os.path.isfile(weights):
         # Before building: a ViT-H takes seconds to initialise.

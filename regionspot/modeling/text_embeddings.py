@@ -206,7 +206,7 @@ def encode_vocabulary(
     """
     class_names = validate_class_names(class_names)
     if batch_size < 1:
-        raise ValueError(f"batch_size (MODEL.REGIONSPOT.TEXT_BATCH_SIZE) must be at least 1, got {batch_size}.")
+        raise ValueError(f"batch_size (MODEL.REGIONSPOT.VOCAB.BATCH_SIZE) must be at least 1, got {batch_size}.")
     sentences = [t.format(clean_class_name(n)) for n in class_names for t in templates]
     tokens = clip.tokenize(sentences)
     desc = f"Encoding {len(class_names)} class names"
@@ -319,7 +319,7 @@ class PromptEnsembleEncoder:
         clip_features: the frozen :class:`~regionspot.modeling.clip_features.ClipDenseFeatures`.
         cache: the embedding cache (default: one in :func:`default_cache_dir`).
         templates: prompt templates, ``{}`` standing for the name.
-        batch_size: sentences per text-tower forward (``MODEL.REGIONSPOT.TEXT_BATCH_SIZE``).
+        batch_size: sentences per text-tower forward (``MODEL.REGIONSPOT.VOCAB.BATCH_SIZE``).
     """
 
     def __init__(

@@ -70,7 +70,7 @@ REGIONSPOT_CHECKPOINT = (
 DETECTOR_CHECKPOINT = "the detector's detectron2 checkpoint (a .pth written by detectron2, or a model-zoo .pkl)"
 _EXPECTED = {
     "MODEL.WEIGHTS": REGIONSPOT_CHECKPOINT,
-    "MODEL.REGIONSPOT.HEAD_WEIGHTS": REGIONSPOT_CHECKPOINT,
+    "MODEL.REGIONSPOT.HEAD.WEIGHTS": REGIONSPOT_CHECKPOINT,
     "MODEL.REGIONSPOT.DETECTOR.WEIGHTS": DETECTOR_CHECKPOINT,
 }
 
@@ -88,9 +88,9 @@ _READ_ERRORS = (
 _SIGNATURES: Tuple[Tuple[str, str, Tuple[Tuple[str, ...], ...], str], ...] = (
     ("regionspot", "a RegionSpot checkpoint (keys roi_heads.fusion.* / model.to_clip.*)",
      (("roi_heads.fusion.", "model.to_clip.", "model.decoder.layers.", "model.projector."),),
-     "MODEL.WEIGHTS (or MODEL.REGIONSPOT.HEAD_WEIGHTS)"),
+     "MODEL.WEIGHTS (or MODEL.REGIONSPOT.HEAD.WEIGHTS)"),
     ("regionspot", "a bare RegionSpot fusion state dict (keys to_clip.*, decoder.*, projector.*)",
-     (("to_clip.",), ("projector.",)), "MODEL.REGIONSPOT.HEAD_WEIGHTS"),
+     (("to_clip.",), ("projector.",)), "MODEL.REGIONSPOT.HEAD.WEIGHTS"),
     ("sam", "SAM weights (keys image_encoder.*, mask_decoder.*)",
      (("image_encoder.",), ("mask_decoder.", "prompt_encoder.")), "MODEL.REGIONSPOT.SAM.WEIGHTS"),
     ("clip", "OpenAI CLIP (keys visual.*, transformer.resblocks.*)",
@@ -98,7 +98,7 @@ _SIGNATURES: Tuple[Tuple[str, str, Tuple[Tuple[str, ...], ...], str], ...] = (
     ("detector", "a detectron2 detector checkpoint (keys backbone.*, roi_heads.box_predictor.*)",
      (("backbone.", "proposal_generator.", "roi_heads.box_predictor.", "roi_heads.box_head."),),
      "MODEL.REGIONSPOT.DETECTOR.WEIGHTS (RegionSpotRelabel), or MODEL.WEIGHTS of a GeneralizedRCNN recipe "
-     "with the RegionSpot checkpoint in MODEL.REGIONSPOT.HEAD_WEIGHTS (projects/RegionSpot)"),
+     "with the RegionSpot checkpoint in MODEL.REGIONSPOT.HEAD.WEIGHTS (projects/RegionSpot)"),
     ("detector", "a Caffe2 / Detectron model-zoo pickle (keys res2_*, conv1_w)",
      (("res2_", "conv1_w", "res_conv1_", "fc1000_"),), "MODEL.WEIGHTS of a detectron2 detector"),
     ("backbone", "a torchvision-style image classifier (keys layer1.*, fc.*)",
@@ -460,7 +460,7 @@ def load_head_weights(model: nn.Module, path: str) -> List[str]:
 
     For models whose ``MODEL.WEIGHTS`` is another file (a ``GeneralizedRCNN`` loads the detector's
     backbone and RPN from it): call this after the checkpointer, with
-    ``MODEL.REGIONSPOT.HEAD_WEIGHTS``. Reads our layout (``roi_heads.fusion.*``), the released one
+    ``MODEL.REGIONSPOT.HEAD.WEIGHTS``. Reads our layout (``roi_heads.fusion.*``), the released one
     (``model.to_clip.*`` ..., frozen SAM/CLIP tensors ignored) and a bare fusion state dict; shapes are
     checked, so another variant's checkpoint fails with a message naming both. Other keys of the file
     are ignored. Files are read with ``torch.load(weights_only=True)`` (``.pkl``: a plain pickle, as
@@ -476,7 +476,7 @@ def load_head_weights(model: nn.Module, path: str) -> List[str]:
             short, not a checkpoint), holds no or only part of the fusion weights (e.g. SAM's, CLIP's
             or a detector's file), or those of another variant.
     """
-    key = "MODEL.REGIONSPOT.HEAD_WEIGHTS"
+    key = "MODEL.REGIONSPOT.HEAD.WEIGHTS"
     fusions = [(n, m) for n, m in model.named_modules() if isinstance(m, RegionSpotFusion)]
     if len(fusions) != 1:
         raise ValueError(f"load_head_weights: the model has {len(fusions)} RegionSpotFusion modules; expected one.")

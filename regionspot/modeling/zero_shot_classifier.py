@@ -52,10 +52,10 @@ def single_class_softmax_message(class_name: str) -> str:
     """Why a one-class vocabulary with softmax scores says nothing, and what to do instead."""
     return (
         f"The vocabulary has one class ({class_name!r}) and class scores are a softmax over the vocabulary "
-        "(MODEL.REGIONSPOT.CLASS_SCORE 'softmax'): a softmax over one class is exactly 1.0 for every region, "
+        "(MODEL.REGIONSPOT.SCORE.CLASS_SCORE 'softmax'): a softmax over one class is exactly 1.0 for every region, "
         "whatever the model sees. Add the other classes the images contain, or a generic entry such as "
         "'background' or 'object', or score each class on its own with class_score='sigmoid' "
-        "(MODEL.REGIONSPOT.CLASS_SCORE 'sigmoid')."
+        "(MODEL.REGIONSPOT.SCORE.CLASS_SCORE 'sigmoid')."
     )
 
 
@@ -65,19 +65,19 @@ def vocabulary_from_config(cfg, required: bool = True) -> List[str]:
     With ``required=False`` a config naming no dataset gives an empty list (set it later).
     """
     rs = cfg.MODEL.REGIONSPOT
-    if rs.VOCABULARY == "custom":
-        if not rs.CUSTOM_VOCABULARY:
-            raise ValueError("MODEL.REGIONSPOT.VOCABULARY is 'custom' but CUSTOM_VOCABULARY is empty.")
-        return list(rs.CUSTOM_VOCABULARY)
-    if rs.VOCABULARY != "dataset":
-        raise ValueError(f"MODEL.REGIONSPOT.VOCABULARY={rs.VOCABULARY!r}: use 'dataset' or 'custom'.")
+    if rs.VOCAB.SOURCE == "custom":
+        if not rs.VOCAB.CUSTOM:
+            raise ValueError("MODEL.REGIONSPOT.VOCAB.SOURCE is 'custom' but VOCAB.CUSTOM is empty.")
+        return list(rs.VOCAB.CUSTOM)
+    if rs.VOCAB.SOURCE != "dataset":
+        raise ValueError(f"MODEL.REGIONSPOT.VOCAB.SOURCE={rs.VOCAB.SOURCE!r}: use 'dataset' or 'custom'.")
     names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
     if not names:
         if not required:
             return []
         raise ValueError(
-            "MODEL.REGIONSPOT.VOCABULARY is 'dataset' but DATASETS.TEST and DATASETS.TRAIN are empty; "
-            "name a dataset or set VOCABULARY='custom' with CUSTOM_VOCABULARY."
+            "MODEL.REGIONSPOT.VOCAB.SOURCE is 'dataset' but DATASETS.TEST and DATASETS.TRAIN are empty; "
+            "name a dataset or set VOCAB.SOURCE='custom' with VOCAB.CUSTOM."
         )
     # Also for datasets registered the standard way (register_coco_instances), whose metadata gets
     # thing_classes only when the dataset is loaded: read from the json's categories.
@@ -116,7 +116,7 @@ class ZeroShotClassifier(nn.Module):
         """
         super().__init__()
         if class_score not in CLASS_SCORES:
-            raise ValueError(f"MODEL.REGIONSPOT.CLASS_SCORE={class_score!r}: use one of {CLASS_SCORES}.")
+            raise ValueError(f"MODEL.REGIONSPOT.SCORE.CLASS_SCORE={class_score!r}: use one of {CLASS_SCORES}.")
         self.embed_dim = int(embed_dim)
         self.class_score = class_score
         # A plain attribute, not a sub-module: the encoder (CLIP's text tower and its cache) belongs
@@ -198,8 +198,8 @@ class ZeroShotClassifier(nn.Module):
         if vocabulary is None:
             if self.num_classes == 0:
                 raise RuntimeError(
-                    "No vocabulary: name a dataset in DATASETS.TEST, set MODEL.REGIONSPOT.VOCABULARY="
-                    "'custom' with CUSTOM_VOCABULARY, or call set_vocabulary(class_names)."
+                    "No vocabulary: name a dataset in DATASETS.TEST, set MODEL.REGIONSPOT.VOCAB.SOURCE="
+                    "'custom' with VOCAB.CUSTOM, or call set_vocabulary(class_names)."
                 )
             return self.text_embeddings
         if vocabulary not in self.vocabularies:
