@@ -47,7 +47,7 @@ from regionspot.benchmarking.inputs import REPO_ROOT
 from regionspot.modeling.meta_arch import rescale_results
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "Base-RegionSpot-BB.yaml")
-VOCAB.SOURCE = ("person", "rocket", "flag", "cup", "coffee", "spoon", "plate", "table")
+VOCABULARY = ("person", "rocket", "flag", "cup", "coffee", "spoon", "plate", "table")
 PHOTOS = ("astronaut", "coffee")
 
 
@@ -177,7 +177,7 @@ def main(argv=None):
     parser.add_argument("--config-file", default=CONFIG, help="the architecture (random weights)")
     parser.add_argument("--images", nargs="+", default=list(PHOTOS), choices=PHOTOS, help="scikit-image photos")
     parser.add_argument("--points-per-side", type=int, default=8, help="AMG grid (8: 64 point prompts)")
-    parser.add_argument("--vocabulary", nargs="+", default=list(VOCAB.SOURCE))
+    parser.add_argument("--vocabulary", nargs="+", default=list(VOCABULARY))
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each route on each image")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs (one-encoding route, first image)")
