@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from regionspot.benchmarking import cpu_model, machine_info, matrix_features
-from regionspot.benchmarking.inputs import build_cfg, option, random_boxes
+from regionspot.benchmarking.inputs import build_cfg, random_boxes
 from regionspot.benchmarking.keys import (
     CLIP,
     FUSION_HEAD,
@@ -213,7 +213,7 @@ def test_reference_pipeline_equals_ours_on_the_tiny_models(tiny_predictor):
     image = np.random.default_rng(0).integers(0, 256, size=(96, 128, 3), dtype=np.uint8)
     boxes = random_boxes(5, 96, 128, seed=0)
     recorder = PhaseRecorder()
-    reference = ReferencePipeline(build_reference_sam(head, rs.SAM.TYPE, option(cfg, "RANDOM_INIT_SEED")), head, recorder)
+    reference = ReferencePipeline(build_reference_sam(head, rs.SAM.TYPE, cfg.MODEL.REGIONSPOT.FROZEN.SEED), head, recorder)
     with torch.inference_mode():
         with recorder.run() as times:
             ref = reference(image, boxes)

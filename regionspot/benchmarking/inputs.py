@@ -27,27 +27,6 @@ def repo_path(*parts: str) -> str:
     return os.path.join(REPO_ROOT, *parts)
 
 
-def _renamed_keys() -> dict:
-    """Old MODEL.REGIONSPOT key -> (node, key) of its current name (empty where nothing was renamed)."""
-    from regionspot import config
-
-    return getattr(config, "RENAMED_KEYS", {})
-
-
-def option_key(name: str) -> str:
-    """The full config key of the RegionSpot option ``name`` (e.g. "TEXT_CACHE_DIR"), under its current name."""
-    new = _renamed_keys().get(name)
-    return "MODEL.REGIONSPOT." + (".".join(new) if new else name)
-
-
-def option(cfg, name: str):
-    """The value of the RegionSpot option ``name`` of ``cfg`` (see :func:`option_key`)."""
-    node = cfg
-    for part in option_key(name).split("."):
-        node = node[part]
-    return node
-
-
 def build_cfg(variant: str, device: str, cache_dir: str, vocabulary, fast_path: bool = True, precision: str = "fp32"):
     """The variant's config with seeded random frozen weights, no weight file and a custom vocabulary."""
     from regionspot.config import get_regionspot_cfg
@@ -55,14 +34,14 @@ def build_cfg(variant: str, device: str, cache_dir: str, vocabulary, fast_path: 
     cfg = get_regionspot_cfg(repo_path(VARIANT_CONFIGS[variant]), [
         "MODEL.DEVICE", device,
         "MODEL.WEIGHTS", "",
-        option_key("RANDOM_INIT_FROZEN"), True,
+        "MODEL.REGIONSPOT.FROZEN.RANDOM_INIT", True,
         "MODEL.REGIONSPOT.SAM.WEIGHTS", "",
         "MODEL.REGIONSPOT.SAM.FAST_PATH", bool(fast_path),
-        option_key("FROZEN_PRECISION"), precision,
+        "MODEL.REGIONSPOT.FROZEN.PRECISION", precision,
         "MODEL.REGIONSPOT.CLIP.WEIGHTS", "",
-        option_key("VOCABULARY"), "custom",
-        option_key("CUSTOM_VOCABULARY"), list(vocabulary),
-        option_key("TEXT_CACHE_DIR"), cache_dir,
+        "MODEL.REGIONSPOT.VOCAB.SOURCE", "custom",
+        "MODEL.REGIONSPOT.VOCAB.CUSTOM", list(vocabulary),
+        "MODEL.REGIONSPOT.VOCAB.CACHE_DIR", cache_dir,
     ])
     cfg.freeze()
     return cfg

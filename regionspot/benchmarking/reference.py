@@ -21,7 +21,7 @@ from .keys import (
     REFERENCE,
     SAM_ENCODER,
 )
-from .timing import PhaseRecorder, classify, method_owner
+from .timing import PhaseRecorder, classify
 
 
 @contextlib.contextmanager
@@ -115,7 +115,7 @@ class ReferencePipeline:
             else:
                 masks = torch.zeros((0, *predictor.original_size), dtype=torch.bool, device=predictor.device)
         with rec.phase(FUSION_HEAD):
-            region_embeddings = method_owner(head, "region_embeddings").region_embeddings(tokens[None], feats)[0]
+            region_embeddings = head.region_embeddings(tokens[None], feats)[0]
             logits = classify(head, region_embeddings)
             probs = logits.softmax(dim=-1)
         return {"logits": logits, "probs": probs, "masks": masks}

@@ -83,30 +83,9 @@ def instrument(obj, method: str, recorder: PhaseRecorder, phase: str, capture: s
     setattr(obj, method, wrapper)
 
 
-def method_owner(head, method: str):
-    """
-    The object whose ``method`` the head's pipeline calls: the head's vocabulary classifier
-    (``head.classifier``) where it has one with that method, else the head itself.
-    """
-    classifier = getattr(head, "classifier", None)
-    if classifier is not None and callable(getattr(classifier, method, None)):
-        return classifier
-    return head
-
-
 def classify(head, region_embeddings):
     """[..., D_t] region embeddings -> [..., C] logits, as the head's own pipelines compute them."""
-    classifier = getattr(head, "classifier", None)
-    if classifier is not None:
-        return classifier(region_embeddings)
-    return head.logits(region_embeddings)
-
-
-def head_attribute(head, name: str, default=None):
-    """``head.name``, else ``head.classifier.name``, else ``default``."""
-    if hasattr(head, name):
-        return getattr(head, name)
-    return getattr(getattr(head, "classifier", None), name, default)
+    return head.classifier(region_embeddings)
 
 
 def instrument_head(head, recorder: PhaseRecorder) -> None:
@@ -116,16 +95,9 @@ def instrument_head(head, recorder: PhaseRecorder) -> None:
     instrument(head.clip, "dense_features", recorder, CLIP)
     instrument(head.sam, "decode_prompts", recorder, MASK_DECODER)
     instrument(head.sam, "postprocess_masks", recorder, MASK_POSTPROCESS)
-    instrument(method_owner(head, "region_embeddings"), "region_embeddings", recorder, FUSION_HEAD)
-    classifier = getattr(head, "classifier", None)
-    if classifier is None:
-        instrument(head, "logits", recorder, FUSION_HEAD, capture="logits")
-        return
-    # The head calls its classifier module (``classifier(region_embeddings)``, i.e. its forward);
-    # a ``logits`` method of the classifier is timed too.
-    instrument(classifier, "forward", recorder, FUSION_HEAD, capture="logits")
-    if callable(getattr(type(classifier), "logits", None)):
-        instrument(classifier, "logits", recorder, FUSION_HEAD, capture="logits")
+    instrument(head, "region_embeddings", recorder, FUSION_HEAD)
+    # The head calls its classifier module (``classifier(region_embeddings)``, i.e. its forward).
+    instrument(head.classifier, "forward", recorder, FUSION_HEAD, capture="logits")
 
 
 def summarise_runs(runs: List[Dict[str, float]]) -> dict:

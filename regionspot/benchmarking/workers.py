@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from .inputs import DEFAULT_VOCABULARY, VARIANT_CONFIGS, build_cfg, load_image, lvis_vocabulary, option, random_boxes
+from .inputs import DEFAULT_VOCABULARY, VARIANT_CONFIGS, build_cfg, load_image, lvis_vocabulary, random_boxes
 from .keys import (
     KIND_COMPARE,
     KIND_MEMORY,
@@ -38,7 +38,6 @@ from .timing import (
     PhaseRecorder,
     current_rss_mb,
     finish_memory_measurement,
-    head_attribute,
     instrument_head,
     peak_rss_mb,
     reset_peak_rss,
@@ -112,11 +111,11 @@ def prepare(spec: dict, fast_path: bool) -> dict:
         "clip_input_size": cfg.MODEL.REGIONSPOT.CLIP.INPUT_SIZE,
         "num_boxes": spec["num_boxes"],
         "precision": precision,
-        "num_classes": head_attribute(head, "num_classes"),
-        "detections_per_image": head_attribute(head, "detections_per_image"),
-        "topk": head_attribute(head, "topk"),
-        "scoring": head_attribute(head, "scoring"),
-        "prompt_chunk_size": head_attribute(head, "prompt_chunk_size"),
+        "num_classes": head.num_classes,
+        "detections_per_image": head.selector.detections_per_image,
+        "topk": head.selector.topk,
+        "scoring": head.selector.scoring,
+        "prompt_chunk_size": head.prompt_chunk_size,
         "device": device,
         "image": image_desc,
         "image_hw": [height, width],
@@ -178,7 +177,7 @@ def run_compare(spec: dict) -> dict:
     reference = None
     if run_reference:
         t0 = time.perf_counter()
-        reference = ReferencePipeline(build_reference_sam(head, rs.SAM.TYPE, option(ctx["cfg"], "RANDOM_INIT_SEED")), head, recorder)
+        reference = ReferencePipeline(build_reference_sam(head, rs.SAM.TYPE, ctx["cfg"].MODEL.REGIONSPOT.FROZEN.SEED), head, recorder)
         result["reference_build_s"] = time.perf_counter() - t0
         result["reference_weights_identical"] = True
     else:
@@ -257,8 +256,8 @@ def run_startup(spec: dict) -> dict:
     repeats = max(int(spec["repeats"]), 5)
     cfg = build_cfg(spec["variant"], device, "", DEFAULT_VOCABULARY)
     rs = cfg.MODEL.REGIONSPOT
-    batch = option(cfg, "TEXT_BATCH_SIZE")
-    seed = option(cfg, "RANDOM_INIT_SEED")
+    batch = cfg.MODEL.REGIONSPOT.VOCAB.BATCH_SIZE
+    seed = cfg.MODEL.REGIONSPOT.FROZEN.SEED
     templates = te.PROMPT_TEMPLATES
     t0 = time.perf_counter()
     real = ClipDenseFeatures(build_clip(rs.CLIP.TYPE, "", True, seed + 1), rs.CLIP.INPUT_SIZE).to(device)
