@@ -33,6 +33,7 @@ from .modeling.weights import (  # noqa: F401  (re-exported: the names' former h
     convert_regionspot_state_dict,
     describe_weights,
     fusion_weights_source,
+    partial_fusion_weights_error,
     read_weights_file,
     record_fusion_weights,
     unwrap_state_dict,
@@ -255,14 +256,7 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
         if not missing:
             return True
         if len(missing) < len(fusion_keys):
-            shown = ", ".join(repr(k) for k in missing[:8]) + (", ..." if len(missing) > 8 else "")
-            raise WeightsFileError(
-                f"{key}={path!r} holds only part of the RegionSpot fusion weights: {len(missing)} of the "
-                f"{len(fusion_keys)} tensors of the fusion module are missing ({shown}); those would stay random. "
-                f"{key} must be {expected}, with every tensor of the fusion module (if the file was cut or edited, "
-                "use the original).",
-                path, key,
-            )
+            raise partial_fusion_weights_error(path, key, missing, len(fusion_keys), expected)
         others = [k for k in model_shapes if not k.startswith(prefix)]
         if others and (checkpoint.get("matching_heuristics") or any(k in state for k in others)):
             # A GeneralizedRCNN recipe: the detector's file; the fusion module comes from HEAD.WEIGHTS.

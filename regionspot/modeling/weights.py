@@ -454,6 +454,17 @@ def accept_released_checkpoints(model):
 
 # ---------------------------------------------------------------------------------------------
 # RegionSpot weights into any model
+def partial_fusion_weights_error(path: str, key: str, missing, total: int, expected: str) -> "WeightsFileError":
+    """The error for a file holding only some of the fusion module's ``total`` tensors (``missing`` named)."""
+    shown = ", ".join(repr(k) for k in missing[:8]) + (", ..." if len(missing) > 8 else "")
+    return WeightsFileError(
+        f"{key}={path!r} holds only part of the RegionSpot fusion weights: {len(missing)} of the "
+        f"{total} tensors of the fusion module are missing ({shown}); those would stay random. {key} must "
+        f"be {expected}, with every tensor of the fusion module (if the file was cut or edited, use the original).",
+        path, key,
+    )
+
+
 def load_head_weights(model: nn.Module, path: str) -> List[str]:
     """
     Load a RegionSpot checkpoint's fusion module into the ``RegionSpotFusion`` of ``model``.
@@ -512,14 +523,7 @@ def load_head_weights(model: nn.Module, path: str) -> List[str]:
         )
     missing = [k for k in fusion.state_dict() if k not in fusion_state]
     if missing:
-        shown = ", ".join(repr(k) for k in missing[:8]) + (", ..." if len(missing) > 8 else "")
-        raise WeightsFileError(
-            f"{key}={path!r} holds only part of the RegionSpot fusion weights: {len(missing)} of the "
-            f"{len(shapes)} tensors of the fusion module are missing ({shown}); those would stay random. {key} must "
-            f"be {REGIONSPOT_CHECKPOINT}, with every tensor of the fusion module (if the file was cut or edited, use "
-            "the original).",
-            path, key,
-        )
+        raise partial_fusion_weights_error(path, key, missing, len(shapes), REGIONSPOT_CHECKPOINT)
     fusion.load_state_dict(fusion_state, strict=True)
     record_fusion_weights(fusion, path)
     logger.info(f"Loaded {len(fusion_state)} RegionSpot fusion tensors from {path}.")
