@@ -21,6 +21,9 @@ setup(
         "opencv-python",
         "numpy",
         "tqdm",
+        # regionspot.export: ONNX export and the torch-free OnnxRegionSpotPredictor (docs/DEPLOY.md).
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
         # clip and detectron2's model_zoo import pkg_resources, gone from setuptools >= 81.
         "setuptools<81",
     ],

@@ -148,6 +148,7 @@ class RegionSpotPredictor:
         point_coords=None,
         point_labels=None,
         return_masks: bool = True,
+        return_embeddings: bool = False,
     ) -> Dict[str, torch.Tensor]:
         """
         Recognise N regions of the current image.
@@ -162,13 +163,17 @@ class RegionSpotPredictor:
             point_labels: [N, P] 1 (foreground) / 0 (background) for ``point_coords``; -1 marks
                 padding (SAM's "not a point"), for regions with fewer clicks than P.
             return_masks: also return SAM's masks (skipping them saves the mask up-sampling).
+            return_embeddings: also return ``embeddings`` [N, D_t], the L2-normalised region
+                embeddings the logits are computed from (``logits = logit_scale * embeddings @
+                text_embeddings.T``), to store and re-score against other vocabularies later.
 
         Returns:
             dict with ``logits`` [N, C] (scaled cosine), ``scores`` [N, C] (softmax over the
             vocabulary, or per-class sigmoid with ``class_score="sigmoid"``), ``classes`` [N],
             ``mask_scores`` [N] (SAM's IoU prediction), ``empty_box`` [N] bool (True where the box
             is empty once clipped to the image; all False without boxes) and, with
-            ``return_masks``, ``masks`` [N, H, W] bool at the image's size.
+            ``return_masks``, ``masks`` [N, H, W] bool at the image's size; with
+            ``return_embeddings``, ``embeddings`` [N, D_t].
 
         Raises:
             RuntimeError: no image set.
@@ -197,7 +202,7 @@ class RegionSpotPredictor:
         point_coords, point_labels = check_points(
             point_coords, point_labels, image_size, None if boxes is None else len(boxes)
         )
-        return self._recognize(boxes, point_coords, point_labels, empty, return_masks)
+        return self._recognize(boxes, point_coords, point_labels, empty, return_masks, return_embeddings)
 
     @torch.no_grad()
     def predict_torch(
@@ -206,6 +211,7 @@ class RegionSpotPredictor:
         point_coords: Optional[torch.Tensor] = None,
         point_labels: Optional[torch.Tensor] = None,
         return_masks: bool = True,
+        return_embeddings: bool = False,
     ) -> Dict[str, torch.Tensor]:
         """
         :meth:`predict` for tensors (any device; they are used on the model's device, with the same
@@ -214,9 +220,11 @@ class RegionSpotPredictor:
         for name, value in (("boxes", boxes), ("point_coords", point_coords), ("point_labels", point_labels)):
             if value is not None and not isinstance(value, torch.Tensor):
                 raise TypeError(f"predict_torch(): {name} must be a tensor, got {type(value).__name__}; use predict().")
-        return self.predict(boxes, point_coords, point_labels, return_masks)
+        return self.predict(boxes, point_coords, point_labels, return_masks, return_embeddings)
 
-    def _recognize(self, boxes, point_coords, point_labels, empty, return_masks: bool) -> Dict[str, torch.Tensor]:
+    def _recognize(
+        self, boxes, point_coords, point_labels, empty, return_masks: bool, return_embeddings: bool = False
+    ) -> Dict[str, torch.Tensor]:
         head = self.head
         device = head.pixel_mean.device
         out = head.sam.decode_prompts(
@@ -227,7 +235,8 @@ class RegionSpotPredictor:
             with_masks=return_masks,
             chunk_size=head.prompt_chunk_size,
         )
-        logits = head.classifier(head.region_embeddings(out.tokens[None], self._clip_features)[0])
+        region = head.region_embeddings(out.tokens[None], self._clip_features)[0]
+        logits = head.classifier(region)
         scores = head.classifier.class_scores(logits)
         if empty is None:
             empty = torch.zeros(len(logits), dtype=torch.bool)
@@ -240,4 +249,7 @@ class RegionSpotPredictor:
         }
         if return_masks:
             result["masks"] = head.sam.postprocess_masks(out.low_res_masks, self._state)
+        if return_embeddings:
+            # Normalised exactly as region_text_logits does, so the stored rows give the same logits.
+            result["embeddings"] = region / (region.norm(dim=-1, keepdim=True) + 1e-7)
         return result

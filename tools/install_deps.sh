@@ -22,5 +22,8 @@ else
   pip install -q "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" pycocotools omegaconf hydra-core \
     cloudpickle tabulate termcolor yacs matplotlib tensorboard Pillow tqdm packaging
 fi
+# ONNX export and the torch-free predictor (docs/DEPLOY.md): onnx (the format and its checker) and
+# onnxruntime (the CPU runtime), both MIT-licensed prebuilt wheels (no compiler) from the ONNX project / Microsoft.
+pip install -q "onnx>=1.16" "onnxruntime>=1.18"
 pip install -q -e ".[test]" "setuptools<81"
 "$PY" -c "import regionspot, detectron2, torch; print('regionspot ready: torch', torch.__version__, '| detectron2', detectron2.__version__)"
