@@ -8,6 +8,7 @@ setup(
     version="0.1.0",
     description="RegionSpot (Recognize Any Regions) as a detectron2 extension",
     packages=find_packages(include=["regionspot", "regionspot.*"]),
+    package_data={"regionspot.modeling": ["open_clip_configs/*.json"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.0",

@@ -16,6 +16,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 from fvcore.common.checkpoint import _strip_prefix_if_present
 
+from .modeling.model_registry import check_frozen_pair, find_regionspot_head, frozen_pair
 from .modeling.weights import (  # noqa: F401  (re-exported: the names' former home)
     DETECTOR_CHECKPOINT,
     FUSION_PREFIXES,
@@ -143,7 +144,10 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
     * for a model without a RegionSpot head (e.g. the detector of ``RegionSpotRelabel``), refuses a
       file that shares no tensor name with the model.
 
-    What loaded the fusion module is recorded for :func:`check_head_weights`.
+    What loaded the fusion module is recorded for :func:`check_head_weights`. Saved checkpoints record
+    which localizer and vision-language model the head holds (``frozen_pair``); loading fusion weights
+    into a head with another pair is refused, naming both (files without the record were trained with
+    SAM + OpenAI CLIP).
 
     Args:
         model, save_dir, checkpointables: as ``DetectionCheckpointer``.
@@ -156,6 +160,12 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
         self.config_key = config_key
         self._resuming = False
         self._loading = ""
+
+    def save(self, name: str, **kwargs) -> None:
+        head = find_regionspot_head(self.model)
+        if head is not None:
+            kwargs.setdefault("frozen_pair", frozen_pair(head))
+        return super().save(name, **kwargs)
 
     def _source(self) -> Tuple[str, str]:
         """(name of the file's source, what the file should be) for the messages."""
@@ -229,6 +239,8 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
             except ValueError as e:
                 raise WeightsFileError(f"{key}={path!r}: {e}", path, key) from e
             fusion_loaded = self._check_fusion_weights(state, held, model_shapes, fusion_prefix, checkpoint)
+            if fusion_loaded:
+                check_frozen_pair(self.model, checkpoint.get("frozen_pair"), path, key)
         elif model_shapes and not checkpoint.get("matching_heuristics") and not any(k in model_shapes for k in state):
             raise wrong_weights_error(
                 path, key, expected,

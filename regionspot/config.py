@@ -107,6 +107,39 @@ def add_regionspot_config(cfg):
     # evaluation under torchvision < 0.17, True their evaluation under torchvision >= 0.17.
     rs.CLIP.RESIZE_ANTIALIAS = False
 
+    rs.LOCALIZER = CN()
+    # Registered localizer filling the head's ``sam`` slot (regionspot.modeling.model_registry):
+    # "SamRegionTokens" (segment_anything's SAM, from SAM.TYPE / SAM.WEIGHTS), "Sam2RegionTokens"
+    # (SAM 2.1, the sam2 package) or "HQSamRegionTokens" (HQ-SAM and the light HQ-SAM, segment_anything_hq).
+    rs.LOCALIZER.NAME = "SamRegionTokens"
+    # Model of that family (not read by SamRegionTokens, which reads SAM.TYPE): SAM 2.1 "sam2.1_hiera_t",
+    # "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l" or "tiny"; HQ-SAM "vit_b", "vit_l", "vit_h",
+    # "vit_tiny" (light HQ-SAM, TinyViT encoder) or "tiny". Empty: sam2.1_hiera_b+ / vit_b.
+    rs.LOCALIZER.TYPE = ""
+    # Path to that model's official weights (sam2.1_hiera_base_plus.pt, sam_hq_vit_b.pth, ...; not read by
+    # SamRegionTokens, which reads SAM.WEIGHTS). Empty: seeded random weights (only with FROZEN.RANDOM_INIT).
+    rs.LOCALIZER.WEIGHTS = ""
+    # For regions without a box score of their own (no objectness_logits, e.g. GT boxes or clicks), multiply
+    # class probabilities by sigmoid of the localizer's object score (SAM 2.1 has one; others: ignored).
+    # False keeps the authors' protocol.
+    rs.LOCALIZER.OBJECT_SCORE_AS_BOX_SCORE = False
+
+    rs.VLM = CN()
+    # Registered vision-language model filling the head's ``clip`` slot: "ClipDenseFeatures" (OpenAI CLIP,
+    # from CLIP.TYPE / CLIP.WEIGHTS) or "OpenClipDenseFeatures" (open_clip: LAION, MetaCLIP, DFN, EVA02-CLIP).
+    # CLIP.INPUT_SIZE and CLIP.RESIZE_ANTIALIAS set the square view of either (0: the model's native size,
+    # OpenClipDenseFeatures only).
+    rs.VLM.NAME = "ClipDenseFeatures"
+    # open_clip model config name for OpenClipDenseFeatures, e.g. "EVA02-B-16", "ViT-B-16-quickgelu"
+    # (MetaCLIP), "ViT-H-14-quickgelu" (DFN) or "RegionSpot-tiny-OpenCLIP" (tests). Not read by ClipDenseFeatures.
+    rs.VLM.TYPE = ""
+    # Path to that model's open_clip checkpoint (open_clip_pytorch_model.bin, .safetensors, ...). Empty:
+    # seeded random weights (only with FROZEN.RANDOM_INIT). Not read by ClipDenseFeatures (CLIP.WEIGHTS).
+    rs.VLM.WEIGHTS = ""
+    # Folder with the Hugging Face tokenizer files of a model whose open_clip config names one
+    # (hf_tokenizer_name; open_clip would download it). Empty for models with open_clip's bundled tokenizer.
+    rs.VLM.TOKENIZER = ""
+
     # Region prompts decoded by SAM's mask decoder at once (bounds memory for many boxes: each
     # prompt carries its own copy of the 64x64x256 image tokens through the decoder).
     rs.SAM.PROMPT_CHUNK_SIZE = 32

@@ -26,4 +26,13 @@ fi
 # onnxruntime (the CPU runtime), both MIT-licensed prebuilt wheels (no compiler) from the ONNX project / Microsoft.
 pip install -q "onnx>=1.16" "onnxruntime>=1.18"
 pip install -q -e ".[test]" "setuptools<81"
+# The other model families (docs/MODELS.md), each from its maintained package, none compiled or downloading:
+# OpenCLIP (MetaCLIP, DFN, EVA02-CLIP via timm) and HQ-SAM (and the light HQ-SAM) are wheels; SAM 2.1 exists
+# only as an sdist, built pure-python (no CUDA extension) against the installed torch. --no-deps: its pins
+# (iopath>=0.1.10) clash with detectron2's fvcore; what it imports at run time (hydra-core, omegaconf,
+# iopath, tqdm, Pillow, numpy) is installed above.
+pip install -q "open-clip-torch==3.3.0" "segment-anything-hq==0.3"
+if ! "$PY" -c "import sam2.build_sam" >/dev/null 2>&1; then
+  SAM2_BUILD_CUDA=0 pip install -q --no-build-isolation --no-deps "sam2==1.1.0"
+fi
 "$PY" -c "import regionspot, detectron2, torch; print('regionspot ready: torch', torch.__version__, '| detectron2', detectron2.__version__)"

@@ -94,7 +94,8 @@ def frozen_fingerprints(model) -> dict:
 
 def _random_fingerprints(cfg) -> dict:
     rs = cfg.MODEL.REGIONSPOT
-    key = (rs.SAM.TYPE, rs.SAM.WEIGHTS, rs.CLIP.TYPE, rs.CLIP.WEIGHTS, rs.CLIP.INPUT_SIZE, rs.FROZEN.SEED)
+    key = (rs.SAM.TYPE, rs.SAM.WEIGHTS, rs.CLIP.TYPE, rs.CLIP.WEIGHTS, rs.CLIP.INPUT_SIZE, rs.FROZEN.SEED,
+           rs.LOCALIZER.NAME, rs.LOCALIZER.TYPE, rs.LOCALIZER.WEIGHTS, rs.VLM.NAME, rs.VLM.TYPE, rs.VLM.WEIGHTS)
     if key not in _RANDOM_FINGERPRINTS:
         _RANDOM_FINGERPRINTS[key] = frozen_fingerprints(build_frozen_head(cfg, device="cpu"))
     return _RANDOM_FINGERPRINTS[key]
@@ -120,13 +121,21 @@ def settings_from_cfg(cfg, model=None, *, fingerprints: bool = True) -> dict:
         if fingerprints:
             out[part]["weights_sha256"] = file_sha256(weights) if weights else None
         out[part]["random_init_seed"] = None if weights else int(rs.FROZEN.SEED)
+    # Another localizer / VLM than the released pair: its class and model are part of the settings.
+    for part, node, default in (("sam", rs.LOCALIZER, "SamRegionTokens"), ("clip", rs.VLM, "ClipDenseFeatures")):
+        if node.NAME != default:
+            out[part].update(
+                {"type": f"{node.NAME}:{node.TYPE}", "weights": node.WEIGHTS, "random_init_seed": None if node.WEIGHTS else int(rs.FROZEN.SEED)}
+            )
+            if fingerprints:
+                out[part]["weights_sha256"] = file_sha256(node.WEIGHTS) if node.WEIGHTS else None
     out["clip"]["input_size"] = int(rs.CLIP.INPUT_SIZE)
     out["clip"]["resize_antialias"] = bool(rs.CLIP.RESIZE_ANTIALIAS)
     out["frozen_precision"] = rs.FROZEN.PRECISION
     if not fingerprints:
         return out
     prints = frozen_fingerprints(model) if model is not None else None
-    if prints is None and not (rs.SAM.WEIGHTS and rs.CLIP.WEIGHTS):
+    if prints is None and not (out["sam"]["weights"] and out["clip"]["weights"]):
         prints = _random_fingerprints(cfg)
     if prints is not None:
         for part in ("sam", "clip"):

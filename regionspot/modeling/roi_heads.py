@@ -9,13 +9,18 @@ behind any proposal source, inside the ``RegionSpot`` meta-architecture or a ``G
 The head composes named parts, each swappable by a subclass or through the constructor:
 
 ====================  ==================================================================
-``sam``               :class:`SamRegionTokens`: prompts -> region tokens, masks (frozen)
-``clip``              :class:`ClipDenseFeatures`: image -> dense feature map (frozen)
+``sam``               the configured localizer (``MODEL.REGIONSPOT.LOCALIZER.NAME``, default
+                      :class:`SamRegionTokens`): prompts -> region tokens, masks (frozen)
+``clip``              the configured vision-language model (``MODEL.REGIONSPOT.VLM.NAME``, default
+                      :class:`ClipDenseFeatures`): image -> dense feature map, text (frozen)
 ``fusion``            :class:`RegionSpotFusion`: tokens + feature map -> region embeddings
 ``classifier``        :class:`ZeroShotClassifier`: vocabulary, region embeddings -> logits
 ``selector``          :class:`DetectionSelector`: class scores -> detections
 loss                  :func:`region_focal_loss` (``losses.py``)
 ====================  ==================================================================
+
+The slots keep the names ``sam`` and ``clip`` whatever fills them (SAM 2.1, HQ-SAM, an OpenCLIP model:
+see :mod:`regionspot.modeling.model_registry` for the two interfaces).
 """
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -27,7 +32,7 @@ from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 from detectron2.structures import Boxes, ImageList, Instances
 
-from .clip_features import ClipDenseFeatures, build_clip
+from .clip_features import ClipDenseFeatures
 from .frozen import keep_out_of_checkpoints
 from .fusion import RegionSpotFusion
 from .input_checks import check_boxes, check_region_prompts, describe_empty_boxes
@@ -35,7 +40,8 @@ from .losses import region_focal_loss
 from .masks import MASK_RESIZE_MODES, SamMasks
 from .pixels import PIXEL_FORMATS, as_rgb_tensor, image_hw, rgb_images
 from .postprocessing import DetectionSelector
-from .sam_tokens import SamImageState, SamRegionTokens, build_sam
+from .model_registry import build_localizer, build_vlm, frozen_pair
+from .sam_tokens import SamImageState, SamRegionTokens
 from .text_embeddings import PromptEnsembleEncoder, TextEmbeddingCache
 from .zero_shot_classifier import ZeroShotClassifier, vocabulary_from_config
 
@@ -86,10 +92,12 @@ class RegionSpotROIHeads(nn.Module):
         pixel_mean: Sequence[float] = (0.0, 0.0, 0.0),
         pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
         input_format: str = "RGB",
+        object_score_as_box_score: bool = False,
     ):
         """
         Args:
-            sam, clip: the frozen adapters.
+            sam, clip: the frozen adapters: a localizer and a vision-language model (the interfaces of
+                :mod:`regionspot.modeling.model_registry`; by default SAM and OpenAI CLIP).
             fusion: the trainable module.
             classifier: the vocabulary and the scoring of region embeddings against it.
             selector: class scores -> detections (top-k pairs or per region, cap, threshold);
@@ -104,6 +112,8 @@ class RegionSpotROIHeads(nn.Module):
             focal_alpha, focal_gamma: training loss (:func:`region_focal_loss`).
             pixel_mean, pixel_std, input_format: how a floating-point ``images`` batch (a
                 detector's) was normalised; uint8 batches are RGB pixels and need none.
+            object_score_as_box_score: regions without ``objectness_logits`` take sigmoid of the
+                localizer's object score (SAM 2.1's) as their box score.
         """
         super().__init__()
         if mask_resize not in MASK_RESIZE_MODES:
@@ -125,6 +135,7 @@ class RegionSpotROIHeads(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
         self.input_format = input_format
+        self.object_score_as_box_score = bool(object_score_as_box_score)
         # Checkpoints hold the fusion module only; SAM and CLIP come from their own files.
         keep_out_of_checkpoints(self, "sam", "clip")
 
@@ -134,15 +145,10 @@ class RegionSpotROIHeads(nn.Module):
         # On MODEL.DEVICE already: the vocabulary's text embeddings are encoded while building,
         # before build_model moves the whole model there.
         device = torch.device(cfg.MODEL.DEVICE)
-        sam = SamRegionTokens(
-            build_sam(rs.SAM.TYPE, rs.SAM.WEIGHTS, rs.FROZEN.RANDOM_INIT, rs.FROZEN.SEED),
-            fast=rs.SAM.FAST_PATH,
-        ).set_precision(rs.FROZEN.PRECISION).to(device)
-        clip = ClipDenseFeatures(
-            build_clip(rs.CLIP.TYPE, rs.CLIP.WEIGHTS, rs.FROZEN.RANDOM_INIT, rs.FROZEN.SEED + 1),
-            rs.CLIP.INPUT_SIZE,
-            antialias=rs.CLIP.RESIZE_ANTIALIAS,
-        ).set_precision(rs.FROZEN.PRECISION).to(device)
+        # The localizer and the vision-language model of LOCALIZER.NAME / VLM.NAME (SAM and OpenAI
+        # CLIP from SAM.* / CLIP.* by default); the fusion module takes its widths from them.
+        sam = build_localizer(cfg).to(device)
+        clip = build_vlm(cfg).to(device)
         fusion = RegionSpotFusion(
             token_dim=sam.token_dim,
             clip_dim=clip.width,
@@ -177,7 +183,13 @@ class RegionSpotROIHeads(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
+            "object_score_as_box_score": rs.LOCALIZER.OBJECT_SCORE_AS_BOX_SCORE,
         }
+
+    @property
+    def frozen_pair(self) -> Dict[str, str]:
+        """Which localizer and vision-language model fill the ``sam`` and ``clip`` slots (recorded in checkpoints)."""
+        return frozen_pair(self)
 
     # ----------------------------------------------------------------------------------------
     # The vocabulary (held by the classifier; these are the names detectron2 users call)
@@ -430,6 +442,8 @@ class RegionSpotROIHeads(nn.Module):
         box_scores = None
         if self.use_box_scores and regions.has("objectness_logits"):
             box_scores = regions.objectness_logits.to(probs).sigmoid()
+        elif self.object_score_as_box_score and getattr(sam_out, "object_scores", None) is not None:
+            box_scores = sam_out.object_scores.to(probs).sigmoid()
         if per_region:
             scores, classes = probs.max(dim=1) if len(probs) else (probs.new_zeros(0), probs.new_zeros(0, dtype=torch.long))
             region_idx = torch.arange(len(probs), device=probs.device)
@@ -466,8 +480,9 @@ class RegionSpotROIHeads(nn.Module):
                 ).low_res_masks
             else:
                 low_res = sam_out.low_res_masks[kept]
+            # What up-samples the localizer's logits: its mask_postprocessor, or the stock SAM itself.
             out.pred_masks = SamMasks(
-                low_res, index, self.sam.sam, state.input_size, source_size=image_size, resize=self.mask_resize
+                low_res, index, getattr(self.sam, "mask_postprocessor", None) or self.sam.sam, state.input_size, source_size=image_size, resize=self.mask_resize
             )
             if boxes_from_masks:
                 out.pred_boxes = out.pred_masks.to_bitmasks(None, *image_size).get_bounding_boxes()

@@ -208,7 +208,9 @@ def encode_vocabulary(
     if batch_size < 1:
         raise ValueError(f"batch_size (MODEL.REGIONSPOT.VOCAB.BATCH_SIZE) must be at least 1, got {batch_size}.")
     sentences = [t.format(clean_class_name(n)) for n in class_names for t in templates]
-    tokens = clip.tokenize(sentences)
+    # The model's own tokenizer when it has one (OpenCLIP models); OpenAI CLIP's otherwise.
+    tokenize = getattr(clip_features, "tokenize", None) or clip.tokenize
+    tokens = tokenize(sentences)
     desc = f"Encoding {len(class_names)} class names"
     if stock:
         out = []

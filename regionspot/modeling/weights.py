@@ -499,7 +499,9 @@ def load_head_weights(model: nn.Module, path: str) -> List[str]:
             f"{key}={path!r} does not exist. Give the path of {REGIONSPOT_CHECKPOINT}."
         )
     local = PathManager.get_local_path(path)  # a URL is downloaded (and cached) first
-    ckpt = unwrap_state_dict(read_weights_file(local, key, REGIONSPOT_CHECKPOINT))
+    loaded = read_weights_file(local, key, REGIONSPOT_CHECKPOINT)
+    recorded_pair = loaded.get("frozen_pair") if isinstance(loaded, dict) else None
+    ckpt = unwrap_state_dict(loaded)
     if not isinstance(ckpt, dict):
         raise WeightsFileError(
             f"{key}={path!r} holds a {type(ckpt).__name__}, not a state dict. {key} must be {REGIONSPOT_CHECKPOINT}.",
@@ -524,6 +526,9 @@ def load_head_weights(model: nn.Module, path: str) -> List[str]:
     missing = [k for k in fusion.state_dict() if k not in fusion_state]
     if missing:
         raise partial_fusion_weights_error(path, key, missing, len(shapes), REGIONSPOT_CHECKPOINT)
+    from .model_registry import check_frozen_pair  # (imports the adapters, which import this module)
+
+    check_frozen_pair(model, recorded_pair, path, key)
     fusion.load_state_dict(fusion_state, strict=True)
     record_fusion_weights(fusion, path)
     logger.info(f"Loaded {len(fusion_state)} RegionSpot fusion tensors from {path}.")
