@@ -30,11 +30,29 @@ logger = logging.getLogger("regionspot.quickstart")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "Quickstart", "RegionSpot-tiny_shapes.yaml")
 
 
+# Tiny presets of each family (random weights), as config overrides; any pair can be combined.
+TINY_LOCALIZERS = {
+    "sam": [],
+    "sam2": ["MODEL.REGIONSPOT.LOCALIZER.NAME", "Sam2RegionTokens", "MODEL.REGIONSPOT.LOCALIZER.TYPE", "tiny"],
+    "hq-sam": ["MODEL.REGIONSPOT.LOCALIZER.NAME", "HQSamRegionTokens", "MODEL.REGIONSPOT.LOCALIZER.TYPE", "tiny"],
+}
+TINY_VLMS = {
+    "clip": [],
+    "openclip": ["MODEL.REGIONSPOT.VLM.NAME", "OpenClipDenseFeatures", "MODEL.REGIONSPOT.VLM.TYPE", "RegionSpot-tiny-OpenCLIP"],
+    "eva02": ["MODEL.REGIONSPOT.VLM.NAME", "OpenClipDenseFeatures", "MODEL.REGIONSPOT.VLM.TYPE", "RegionSpot-tiny-EVA02",
+              "MODEL.REGIONSPOT.CLIP.INPUT_SIZE", "0"],
+}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", default=DEFAULT_CONFIG)
     p.add_argument("--output-dir", default="output/quickstart")
     p.add_argument("--num-vis", type=int, default=4, help="held-out images to visualise")
+    p.add_argument("--localizer", choices=sorted(TINY_LOCALIZERS), default="sam",
+                   help="tiny seeded-random preset of the localizer family (docs/MODELS.md)")
+    p.add_argument("--vlm", choices=sorted(TINY_VLMS), default="clip",
+                   help="tiny seeded-random preset of the vision-language model family (docs/MODELS.md)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     return p.parse_args(argv)
 
@@ -77,7 +95,7 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     setup_logger(output=args.output_dir, name="detectron2", abbrev_name="d2")
     setup_logger(output=args.output_dir, name="regionspot")
-    cfg = get_regionspot_cfg(args.config_file, args.opts)
+    cfg = get_regionspot_cfg(args.config_file, TINY_LOCALIZERS[args.localizer] + TINY_VLMS[args.vlm] + list(args.opts))
     cfg.OUTPUT_DIR = args.output_dir
     cfg.freeze()
     torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)

@@ -3,6 +3,9 @@ from .clip_features import ClipDenseFeatures, build_clip
 from .fusion import RegionSpotFusion
 from .losses import region_focal_loss
 from .model_registry import LOCALIZER_REGISTRY, VLM_REGISTRY, build_localizer, build_vlm
+# The other families register with the registries on import (their packages load only when one is built).
+from .localizers import HQSamRegionTokens, Sam2RegionTokens
+from .open_clip_features import OpenClipDenseFeatures
 from .masks import SamMasks
 from .meta_arch import RegionSpot  # registers META_ARCHITECTURE "RegionSpot"
 from .postprocessing import DetectionSelector, rescale_results, select_detections

@@ -34,7 +34,9 @@ import torch
 from detectron2.utils.registry import Registry
 
 from .clip_features import ClipDenseFeatures, build_clip
+from .pairs import RELEASED_PAIR, describe_pair, find_regionspot_head, frozen_pair, frozen_pair_mismatch  # noqa: F401
 from .sam_tokens import SamPromptOutput, SamRegionTokens, build_sam
+from .weights import WeightsFileError
 
 __all__ = [
     "LOCALIZER_REGISTRY",
@@ -45,6 +47,8 @@ __all__ = [
     "frozen_pair",
     "describe_pair",
     "RELEASED_PAIR",
+    "check_frozen_pair",
+    "find_regionspot_head",
 ]
 
 LOCALIZER_REGISTRY = Registry("REGIONSPOT_LOCALIZER")
@@ -52,8 +56,6 @@ LOCALIZER_REGISTRY.__doc__ = "Frozen localizers (prompts -> region tokens, masks
 VLM_REGISTRY = Registry("REGIONSPOT_VLM")
 VLM_REGISTRY.__doc__ = "Frozen vision-language models (image -> dense map; text -> embeddings): MODEL.REGIONSPOT.VLM.NAME."
 
-# What a checkpoint without a record was trained with: the only pair there was before the registries.
-RELEASED_PAIR = {"localizer": "SamRegionTokens", "vlm": "ClipDenseFeatures"}
 
 
 @dataclass
@@ -88,13 +90,7 @@ VLM_REGISTRY.register(ClipDenseFeatures)
 _STOCK_BUILDERS = {SamRegionTokens: _build_sam_adapter, ClipDenseFeatures: _build_clip_adapter}
 
 
-def _ensure_families_registered() -> None:
-    # The other families register on import; their packages are imported only when one is built.
-    from . import localizers, open_clip_features  # noqa: F401
-
-
 def _build(registry: Registry, key: str, name: str, cfg):
-    _ensure_families_registered()
     try:
         cls = registry.get(name)
     except KeyError:
@@ -119,64 +115,15 @@ def build_vlm(cfg):
     return _build(VLM_REGISTRY, "MODEL.REGIONSPOT.VLM.NAME", cfg.MODEL.REGIONSPOT.VLM.NAME, cfg)
 
 
-def frozen_pair(head) -> Dict[str, str]:
-    """Which localizer and VLM (class and model) a head holds: what checkpoints record."""
-    return {
-        "localizer": type(head.sam).__name__,
-        "localizer_model": str(getattr(head.sam, "model_name", "") or ""),
-        "vlm": type(head.clip).__name__,
-        "vlm_model": str(getattr(head.clip, "model_name", "") or ""),
-    }
-
-
-def describe_pair(pair: Dict[str, str]) -> str:
-    def one(kind):
-        model = pair.get(kind + "_model")
-        return f"{pair[kind]} ({model})" if model else pair[kind]
-
-    return f"localizer {one('localizer')} + VLM {one('vlm')}"
-
-
-def find_regionspot_head(model):
-    """The module holding the ``sam``, ``clip`` and ``fusion`` slots (a RegionSpot head), or None."""
-    for module in model.modules():
-        if all(isinstance(getattr(module, a, None), torch.nn.Module) for a in ("sam", "clip", "fusion")):
-            return module
-    return None
-
-
 def check_frozen_pair(model, recorded: Optional[Dict[str, str]], path: str, key: str) -> None:
     """
-    Refuse fusion weights trained with another localizer or vision-language model than the model's.
-
-    Args:
-        model: the model (or head) the weights go into; one without a RegionSpot head passes.
-        recorded: the file's ``frozen_pair`` entry; None for files written before it existed (the
-            authors' released checkpoints and ours), which were trained with :data:`RELEASED_PAIR`.
-        path, key: the file and the config key that named it, for the message.
+    Refuse fusion weights trained with another localizer or vision-language model than the model's
+    (see :func:`regionspot.modeling.pairs.frozen_pair_mismatch`; files without a record were trained
+    with :data:`RELEASED_PAIR`).
 
     Raises:
-        regionspot.modeling.weights.WeightsFileError: the pairs differ (class names; and the models
-            within the family when both sides record them).
+        regionspot.modeling.weights.WeightsFileError: the pairs differ; the message names both.
     """
-    from .weights import WeightsFileError
-
-    head = find_regionspot_head(model)
-    if head is None:
-        return
-    have = frozen_pair(head)
-    rec = dict(recorded) if isinstance(recorded, dict) and recorded.get("localizer") else dict(RELEASED_PAIR)
-    differs = any(rec.get(kind) != have[kind] for kind in ("localizer", "vlm"))
-    for kind in ("localizer_model", "vlm_model"):
-        if rec.get(kind) and have.get(kind) and rec[kind] != have[kind]:
-            differs = True
-    if not differs:
-        return
-    how = "" if recorded else " (the file records no pair: a released checkpoint or one written before pairs were recorded)"
-    raise WeightsFileError(
-        f"{key}={path!r} holds fusion weights trained with {describe_pair(rec)}{how}, but this config builds "
-        f"{describe_pair(have)}: the fusion module would read tokens and features it was never trained on. Set "
-        "MODEL.REGIONSPOT.LOCALIZER.NAME / TYPE and VLM.NAME / TYPE (SAM.TYPE / CLIP.TYPE for the released pair) to "
-        "the checkpoint's pair, or give a checkpoint trained with this pair.",
-        path, key,
-    )
+    message = frozen_pair_mismatch(model, recorded, path, key)
+    if message:
+        raise WeightsFileError(message, path, key)

@@ -38,6 +38,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
 from .fusion import RegionSpotFusion
+from .pairs import frozen_pair_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -526,9 +527,9 @@ def load_head_weights(model: nn.Module, path: str) -> List[str]:
     missing = [k for k in fusion.state_dict() if k not in fusion_state]
     if missing:
         raise partial_fusion_weights_error(path, key, missing, len(shapes), REGIONSPOT_CHECKPOINT)
-    from .model_registry import check_frozen_pair  # (imports the adapters, which import this module)
-
-    check_frozen_pair(model, recorded_pair, path, key)
+    mismatch = frozen_pair_mismatch(model, recorded_pair, path, key)
+    if mismatch:
+        raise WeightsFileError(mismatch, path, key)
     fusion.load_state_dict(fusion_state, strict=True)
     record_fusion_weights(fusion, path)
     logger.info(f"Loaded {len(fusion_state)} RegionSpot fusion tensors from {path}.")
