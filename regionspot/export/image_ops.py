@@ -44,16 +44,30 @@ def bilinear_weights(in_size: int, out_size: int, antialias: bool = False) -> np
             total = weights.sum()
             w[i, lo:hi] = weights / total if total > 0 else 0.0
         return w.astype(np.float32)
+    i0, i1, l0, l1 = _taps(in_size, out_size)
+    rows = np.arange(out_size)
+    np.add.at(w, (rows, i0), l0)
+    np.add.at(w, (rows, i1), l1)
+    return w.astype(np.float32)
+
+
+def _taps(in_size: int, out_size: int):
+    """Source indices and weights of torch's bilinear interpolation (align_corners=False, no antialias)."""
+    scale = np.float32(in_size) / np.float32(out_size)
     dst = np.arange(out_size, dtype=np.float32)
     src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0.0))
     i0 = src.astype(np.int64)
     i1 = np.minimum(i0 + 1, in_size - 1)
     l1 = (src - i0.astype(np.float32)).astype(np.float32)
-    l0 = np.float32(1.0) - l1
-    rows = np.arange(out_size)
-    np.add.at(w, (rows, i0), l0)
-    np.add.at(w, (rows, i1), l1)
-    return w.astype(np.float32)
+    l0 = (np.float32(1.0) - l1).astype(np.float32)
+    return i0, i1, l0, l1
+
+
+def _resize_2tap(x: np.ndarray, size) -> np.ndarray:
+    """[N, H, W] -> [N, h, w], torch's bilinear (no antialias) as two taps per axis, columns first."""
+    (y0, y1, ly0, ly1), (x0, x1, lx0, lx1) = _taps(x.shape[1], size[0]), _taps(x.shape[2], size[1])
+    t = x[:, :, x0] * lx0 + x[:, :, x1] * lx1
+    return t[:, y0] * ly0[:, None] + t[:, y1] * ly1[:, None]
 
 
 def resize_bilinear(x: np.ndarray, size, antialias: bool = False) -> np.ndarray:
@@ -65,7 +79,7 @@ def resize_bilinear(x: np.ndarray, size, antialias: bool = False) -> np.ndarray:
 
 
 def postprocess_masks(
-    low_res: np.ndarray, input_size, original_size, image_size: int, threshold: float = 0.0, chunk: int = 16
+    low_res: np.ndarray, input_size, original_size, image_size: int, threshold: float = 0.0, chunk: int = 8
 ) -> np.ndarray:
     """
     [N, 1, m, m] mask logits -> [N, H, W] bool masks, as ``Sam.postprocess_masks`` and the threshold:
@@ -76,15 +90,9 @@ def postprocess_masks(
     out = np.zeros((n, height, width), dtype=bool)
     if n == 0:
         return out
-    m = low_res.shape[-1]
     h, w = input_size
-    wy1 = bilinear_weights(m, image_size)[:h]
-    wx1 = bilinear_weights(m, image_size)[:w]
-    wy2 = bilinear_weights(h, height)
-    wx2 = bilinear_weights(w, width)
     for start in range(0, n, chunk):
         x = low_res[start : start + chunk, 0].astype(np.float32)
-        x = np.matmul(np.matmul(wy1, x), wx1.T)
-        x = np.matmul(np.matmul(wy2, x), wx2.T)
-        out[start : start + chunk] = x > threshold
+        x = _resize_2tap(x, (image_size, image_size))[:, :h, :w]
+        out[start : start + chunk] = _resize_2tap(np.ascontiguousarray(x), (height, width)) > threshold
     return out
