@@ -58,10 +58,13 @@ class OnnxRegionSpotPredictor:
         threads: intra-op threads of each session (default: ONNX Runtime's).
         session_options: extra ``onnxruntime.SessionOptions`` (overrides ``threads``).
         graphs: graph files to use instead of the manifest's, e.g. ``{"head": "head.int8.onnx"}``.
+        chunk_size: prompts per run of the prompt decoder (bounds its memory, as
+            ``MODEL.REGIONSPOT.SAM.PROMPT_CHUNK_SIZE`` does for the torch path).
     """
 
     def __init__(self, export_dir: str, empty_boxes: str = "warn", providers=None, threads: Optional[int] = None,
-                 session_options=None, graphs: Optional[Dict[str, str]] = None):
+                 session_options=None, graphs: Optional[Dict[str, str]] = None, chunk_size: int = 32):
+        self.chunk_size = max(int(chunk_size), 1)
         import onnxruntime as ort
 
         if empty_boxes not in EMPTY_BOX_POLICIES:
@@ -256,11 +259,15 @@ class OnnxRegionSpotPredictor:
             logits = np.zeros((0, num_classes), np.float32)
             scores, region = logits.copy(), np.zeros((0, dim), np.float32)
         else:
-            tokens, low_res, iou = self.sessions["sam_decoder"].run(None, {
-                "image_embedding": state["embedding"],
-                "point_coords": np.ascontiguousarray(np.concatenate(coords, axis=1)),
-                "point_labels": np.ascontiguousarray(np.concatenate(labels, axis=1)),
-            })
+            coords, labels = np.concatenate(coords, axis=1), np.concatenate(labels, axis=1)
+            outs = []
+            for start in range(0, n, self.chunk_size):  # prompts are decoded independently of each other
+                outs.append(self.sessions["sam_decoder"].run(None, {
+                    "image_embedding": state["embedding"],
+                    "point_coords": np.ascontiguousarray(coords[start : start + self.chunk_size]),
+                    "point_labels": np.ascontiguousarray(labels[start : start + self.chunk_size]),
+                }))
+            tokens, low_res, iou = (np.concatenate(parts) for parts in zip(*outs))
             feeds = {"tokens": tokens, "clip_features": state["clip_features"]}
             if not self.baked:
                 feeds["text_embeddings"] = self.text_embeddings
