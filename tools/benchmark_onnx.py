@@ -138,9 +138,9 @@ def _worker(args):
 
 def _run_worker(kind, args, export_dir, workdir):
     result = os.path.join(workdir, kind + ".npz")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--result", result, "--export-dir", export_dir,
+    cmd = [sys.executable, os.path.abspath(__file__), *args.opts, "--worker", kind, "--result", result, "--export-dir", export_dir,
            "--config-file", args.config_file, "--repeats", str(args.repeats),
-           "--image-size", *map(str, args.image_size), "--num-regions", *map(str, args.num_regions), *args.opts]
+           "--image-size", *map(str, args.image_size), "--num-regions", *map(str, args.num_regions)]
     subprocess.run(cmd, check=True, cwd=_REPO_ROOT)
     import numpy as np
 
