@@ -255,3 +255,10 @@ def test_agreement_of_identical_outputs():
     assert a["top1_class_agreement_cls_only"] == 1.0
     assert a["mask_pixels_differing"][OURS_PREDICTOR_MASKS] == 0
     assert agreement(outputs, 3, 1e-4, precision="bf16")["logits_within_tolerance"] is None
+
+
+def test_real_size_configs_allow_their_random_head():
+    """The released-variant configs are measured with a seeded random head: allowed explicitly."""
+    cfg = build_cfg("BB", "cpu", "/tmp/unused-cache", ["cat", "dog"])
+    assert cfg.MODEL.REGIONSPOT.HEAD.ALLOW_RANDOM and cfg.MODEL.REGIONSPOT.FROZEN.RANDOM_INIT
+    assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.REGIONSPOT.SAM.TYPE == "vit_b"

@@ -137,6 +137,16 @@ def test_generalized_rcnn_rpn_proposals(rcnn, astronaut):
     assert (d.amin(1) < 1e-2).all()
 
 
+def test_generalized_rcnn_given_boxes_name_the_way(rcnn, astronaut):
+    """detectron2's forward_with_given_boxes(features, ...) cannot reach the pixels: a clear error names the way."""
+    cfg = project_cfg("RPN-Proposals/RegionSpot-tiny_rpn-proposals_shapes.yaml", "unused")
+    inp, _ = rcnn_input(cfg, astronaut)
+    given = Instances((inp["height"], inp["width"]))
+    given.pred_boxes = Boxes(torch.tensor([[10.0, 10.0, 100.0, 120.0]]))
+    with pytest.raises(NotImplementedError, match="classify_given_boxes"):
+        rcnn.inference([inp], detected_instances=[given])
+
+
 def test_generalized_rcnn_box_scores_multiply(rcnn, astronaut, monkeypatch):
     """USE_BOX_SCORES: class probability x sigmoid(objectness_logits) of the RPN box."""
     cfg = project_cfg("RPN-Proposals/RegionSpot-tiny_rpn-proposals_shapes.yaml", "unused")

@@ -100,3 +100,35 @@ def test_bad_precision(cfg):
     cfg.MODEL.REGIONSPOT.FROZEN.PRECISION = "int8"
     with pytest.raises(ValueError, match="FROZEN.PRECISION"):
         regionspot.RegionSpotPredictor(cfg)
+
+
+def test_bf16_runs_copies_and_leaves_the_fp32_models_alone(photo):
+    """
+    FROZEN.PRECISION bf16 runs SAM's encoder and decoder and CLIP's image tower from bf16 copies
+    made once: the fp32 modules (fingerprints, the text tower, SAM's stock predictor) are unchanged,
+    the copies are what runs, and switching back to fp32 drops them.
+    """
+    import regionspot
+    from conftest import tiny_cfg
+    from regionspot.engine.fingerprints import state_dict_sha256
+
+    torch.manual_seed(0)
+    fp32 = regionspot.RegionSpotPredictor(tiny_cfg())
+    torch.manual_seed(0)
+    low = regionspot.RegionSpotPredictor(tiny_cfg("MODEL.REGIONSPOT.FROZEN.PRECISION", "bf16"))
+    sam, clip = low.head.sam, low.head.clip
+    assert all(p.dtype == torch.float32 for p in sam.sam.parameters())
+    assert all(p.dtype == torch.float32 for p in clip.model.parameters())
+    assert state_dict_sha256(sam.sam) == state_dict_sha256(fp32.head.sam.sam)
+    assert sam.part("sam.image_encoder").patch_embed.proj.weight.dtype == torch.bfloat16
+    assert sam.part("sam.mask_decoder").iou_token.weight.dtype == torch.bfloat16
+    assert clip.part("model.visual").conv1.weight.dtype == torch.bfloat16
+    # CLIP's LayerNorm normalises in fp32 whatever its input: its copy keeps fp32 weights.
+    assert clip.part("model.visual").ln_pre.weight.dtype == torch.float32
+    low.set_image(photo)
+    out = low.predict(BOXES)
+    assert out["logits"].dtype == torch.float32 and torch.isfinite(out["logits"]).all()
+    # The text tower is fp32 and shared: the vocabulary's embeddings equal the fp32 model's.
+    torch.testing.assert_close(low.head.classifier.text_embeddings, fp32.head.classifier.text_embeddings, rtol=0, atol=0)
+    sam.set_precision("fp32")
+    assert sam.part("sam.image_encoder") is sam.sam.image_encoder

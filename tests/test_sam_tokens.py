@@ -162,3 +162,31 @@ def test_fast_point_prompts_equal_stock(tokens_model, photo):
     fast = tokens_model.decode_prompts(tokens_model.encode_image(photo), points=points, point_labels=labels)
     ref = reference.decode_prompts(reference.encode_image(photo), points=points, point_labels=labels)
     torch.testing.assert_close(fast.tokens, ref.tokens, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(200, 240), (333, 517), (1001, 97)])
+def test_prompts_reach_sams_frame_as_samp_predictor_maps_them(tokens_model, size):
+    """
+    Boxes and points stay tensors: mapped into SAM's input frame in float64 on the device, they equal
+    bit for bit what the stock ResizeLongestSide does in numpy for SamPredictor.
+    """
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from regionspot.modeling.sam_tokens import SamImageState
+
+    rng = np.random.default_rng(0)
+    h, w = size
+    boxes = np.sort(rng.uniform(-5, max(h, w) + 5, size=(7, 2, 2)), axis=1).reshape(7, 4)
+    points = rng.uniform(0, min(h, w), size=(7, 3, 2))
+    labels = rng.integers(0, 2, size=(7, 3))
+    state = SamImageState(embedding=torch.zeros(1), input_size=(0, 0), original_size=(h, w))
+    transform = ResizeLongestSide(tokens_model.sam.image_encoder.img_size)
+    for dtype in (torch.float32, torch.float64):
+        sam_boxes, (sam_points, sam_labels) = tokens_model._prompts_to_sam_frame(
+            state, torch.as_tensor(boxes, dtype=dtype), torch.as_tensor(points, dtype=dtype), torch.as_tensor(labels)
+        )
+        stock_boxes = transform.apply_boxes(torch.as_tensor(boxes, dtype=dtype).double().numpy(), (h, w))
+        stock_points = transform.apply_coords(torch.as_tensor(points, dtype=dtype).double().numpy(), (h, w))
+        assert torch.equal(sam_boxes, torch.as_tensor(stock_boxes, dtype=torch.float32))
+        assert torch.equal(sam_points, torch.as_tensor(stock_points, dtype=torch.float32))
+        assert torch.equal(sam_labels, torch.as_tensor(labels))

@@ -35,6 +35,8 @@ def build_cfg(variant: str, device: str, cache_dir: str, vocabulary, fast_path: 
         "MODEL.DEVICE", device,
         "MODEL.WEIGHTS", "",
         "MODEL.REGIONSPOT.FROZEN.RANDOM_INIT", True,
+        # The fusion module is random on purpose (seeded): timing and agreement, not accuracy.
+        "MODEL.REGIONSPOT.HEAD.ALLOW_RANDOM", True,
         "MODEL.REGIONSPOT.SAM.WEIGHTS", "",
         "MODEL.REGIONSPOT.SAM.FAST_PATH", bool(fast_path),
         "MODEL.REGIONSPOT.FROZEN.PRECISION", precision,

@@ -11,6 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from clip.model import CLIP
+from clip.model import LayerNorm as ClipLayerNorm
 from clip.model import build_model as build_clip_model
 
 from .weights import WeightsFileError, read_weights_file, unwrap_state_dict, wrong_weights_error
@@ -179,6 +180,9 @@ class ClipDenseFeatures(FrozenModule):
         self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
         self._pos_cache = None
+        # Run from a bf16 copy under FROZEN.PRECISION bf16 (see FrozenModule); the text tower stays fp32.
+        self.bf16_parts = ("model.visual",)
+        self.bf16_keep_fp32 = (ClipLayerNorm,)
         self.freeze()
 
     @property
@@ -255,7 +259,7 @@ class ClipDenseFeatures(FrozenModule):
         Returns:
             [B, 1 + G*G, D_v] token sequence of the last transformer block.
         """
-        visual = self.model.visual
+        visual = self.part("model.visual")  # its bf16 copy under FROZEN.PRECISION bf16
         dtype = visual.conv1.weight.dtype
         x = images.to(self.device) if preprocessed else self.preprocess(images.to(self.device))
         x = x.to(dtype)

@@ -173,7 +173,7 @@ def _first_block_shared_image(block, queries, query_pe, image, image_pe):
     return queries, keys
 
 
-def decode_prompts_fast(sam, image_embedding, sparse, dense, with_masks: bool):
+def decode_prompts_fast(sam, image_embedding, sparse, dense, with_masks: bool, mask_decoder=None):
     """
     Output of ``MaskDecoder`` in single-mask mode, plus the region token, for prompts without a
     mask input.
@@ -183,11 +183,15 @@ def decode_prompts_fast(sam, image_embedding, sparse, dense, with_masks: bool):
         image_embedding: [1, C, g, g].
         sparse: [B, T, C] sparse prompt embeddings; dense: [1 or B, C, g, g] (identical per prompt).
         with_masks: also compute the [B, 1, 4g, 4g] low-resolution mask logits.
+        mask_decoder: the decoder to run (default ``sam.mask_decoder``; e.g. a bf16 copy of it). The
+            inputs are brought to its dtype.
 
     Returns:
-        tokens [B, C], low-res masks or None, IoU predictions [B].
+        tokens [B, C], low-res masks or None, IoU predictions [B], in the decoder's dtype.
     """
-    dec = sam.mask_decoder
+    dec = sam.mask_decoder if mask_decoder is None else mask_decoder
+    dtype = dec.iou_token.weight.dtype
+    image_embedding, sparse, dense = image_embedding.to(dtype), sparse.to(dtype), dense.to(dtype)
     transformer = dec.transformer
     b = sparse.shape[0]
     output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
@@ -195,7 +199,7 @@ def decode_prompts_fast(sam, image_embedding, sparse, dense, with_masks: bool):
     _, c, h, w = image_embedding.shape
     # [1, HW, C], made row-major once: results computed from them (the [B, HW, C] keys) inherit it.
     image = (image_embedding + dense[:1]).flatten(2).permute(0, 2, 1).contiguous()
-    image_pe = sam.prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1).contiguous()
+    image_pe = sam.prompt_encoder.get_dense_pe().to(dtype).flatten(2).permute(0, 2, 1).contiguous()
 
     queries, keys = _first_block_shared_image(transformer.layers[0], point_embedding, point_embedding, image, image_pe)
     for block in transformer.layers[1:]:
@@ -207,8 +211,21 @@ def decode_prompts_fast(sam, image_embedding, sparse, dense, with_masks: bool):
     tokens = queries[:, 1]
     if not with_masks:
         return tokens, None, iou
-    src = keys.transpose(1, 2).reshape(b, c, h, w)
-    upscaled = dec.output_upscaling(src)
     hyper = dec.output_hypernetworks_mlps[0](tokens)  # single-mask output only
-    masks = (hyper[:, None] @ upscaled.flatten(2)).view(b, 1, *upscaled.shape[-2:])
-    return tokens, masks, iou
+    return tokens, _upscaled_masks(dec, keys, hyper, h, w), iou
+
+
+def _upscaled_masks(dec, keys, hyper, h, w):
+    """
+    ``hyper . output_upscaling(keys as [B, C, h, w])`` (the single-mask logits), channels-last
+    throughout: the image tokens [B, h*w, C] are already a channels-last image, the transposed
+    convolutions keep that layout, the 2-D layer norm is ``F.layer_norm`` over the (contiguous)
+    channel axis in one kernel instead of the stock elementwise passes, and the product with the
+    hypernetwork output reads the channels-last result without a copy.
+    """
+    conv1, norm, act1, conv2, act2 = dec.output_upscaling
+    b, _, c = keys.shape
+    x = conv1(keys.view(b, h, w, c).permute(0, 3, 1, 2))
+    x = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), norm.weight, norm.bias, norm.eps)
+    x = act2(conv2(act1(x).permute(0, 3, 1, 2)))  # [B, C/8, 4h, 4w]
+    return torch.einsum("bchw,bc->bhw", x, hyper)[:, None]

@@ -197,6 +197,9 @@ class SamRegionTokens(FrozenModule):
         if fast:
             use_fused_encoder_attention(sam)
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        # Run from bf16 copies under FROZEN.PRECISION bf16 (see FrozenModule); the prompt encoder's
+        # Fourier features of the coordinates stay fp32.
+        self.bf16_parts = ("sam.image_encoder", "sam.mask_decoder")
         self._captured = None
         sam.mask_decoder.transformer.register_forward_hook(self._capture_tokens)
         self.freeze()
@@ -258,8 +261,9 @@ class SamRegionTokens(FrozenModule):
             original_size = tuple(image.shape[-2:]) if isinstance(image, torch.Tensor) else tuple(image.shape[:2])
             sizes.append((tuple(int(s) for s in original_size), tuple(x.shape[-2:])))
             batch.append(self.sam.preprocess(x[None].float()))
+        encoder = self.part("sam.image_encoder")
         with self.autocast():
-            embeddings = self.sam.image_encoder(torch.cat(batch)).float()
+            embeddings = encoder(torch.cat(batch).to(encoder.patch_embed.proj.weight.dtype)).float()
         return [
             SamImageState(embedding=embeddings[i : i + 1], input_size=input_size, original_size=original_size)
             for i, (original_size, input_size) in enumerate(sizes)
@@ -333,7 +337,10 @@ class SamRegionTokens(FrozenModule):
         )
 
     def _decode_chunks(self, state, n, sam_boxes, sam_points, with_masks, chunk_size):
-        image_pe = self.sam.prompt_encoder.get_dense_pe()
+        decoder = self.part("sam.mask_decoder")
+        dtype = decoder.iou_token.weight.dtype
+        image_pe = self.sam.prompt_encoder.get_dense_pe().to(dtype)
+        embedding = state.embedding.to(dtype)
         tokens, masks, scores = [], [], []
         for start in range(0, n, max(chunk_size, 1)):
             sl = slice(start, start + chunk_size)
@@ -341,17 +348,19 @@ class SamRegionTokens(FrozenModule):
             bxs = None if sam_boxes is None else sam_boxes[sl]
             sparse, dense = self.sam.prompt_encoder(points=pts, boxes=bxs, masks=None)
             if self.fast:
-                token, low_res, iou = decode_prompts_fast(self.sam, state.embedding, sparse, dense, with_masks)
+                token, low_res, iou = decode_prompts_fast(
+                    self.sam, embedding, sparse, dense, with_masks, mask_decoder=decoder
+                )
                 tokens.append(token)
                 if with_masks:
                     masks.append(low_res)
                 scores.append(iou)
                 continue
-            low_res, iou = self.sam.mask_decoder(
-                image_embeddings=state.embedding,
+            low_res, iou = decoder(
+                image_embeddings=embedding,
                 image_pe=image_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
+                sparse_prompt_embeddings=sparse.to(dtype),
+                dense_prompt_embeddings=dense.to(dtype),
                 multimask_output=False,
             )
             tokens.append(self._captured)
