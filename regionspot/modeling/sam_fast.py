@@ -173,7 +173,7 @@ def _first_block_shared_image(block, queries, query_pe, image, image_pe):
     return queries, keys
 
 
-def decode_prompts_fast(sam, image_embedding, sparse, dense, with_masks: bool, mask_decoder=None):
+def decode_prompts_fast(sam, image_embedding, sparse, dense, with_masks: bool, mask_decoder=None, image_pe=None):
     """
     Output of ``MaskDecoder`` in single-mask mode, plus the region token, for prompts without a
     mask input.
@@ -185,6 +185,8 @@ def decode_prompts_fast(sam, image_embedding, sparse, dense, with_masks: bool, m
         with_masks: also compute the [B, 1, 4g, 4g] low-resolution mask logits.
         mask_decoder: the decoder to run (default ``sam.mask_decoder``; e.g. a bf16 copy of it). The
             inputs are brought to its dtype.
+        image_pe: ``sam.prompt_encoder.get_dense_pe()`` when the caller has it (it is the same for
+            every call: sines and cosines of the whole grid).
 
     Returns:
         tokens [B, C], low-res masks or None, IoU predictions [B], in the decoder's dtype.
@@ -199,7 +201,9 @@ def decode_prompts_fast(sam, image_embedding, sparse, dense, with_masks: bool, m
     _, c, h, w = image_embedding.shape
     # [1, HW, C], made row-major once: results computed from them (the [B, HW, C] keys) inherit it.
     image = (image_embedding + dense[:1]).flatten(2).permute(0, 2, 1).contiguous()
-    image_pe = sam.prompt_encoder.get_dense_pe().to(dtype).flatten(2).permute(0, 2, 1).contiguous()
+    if image_pe is None:
+        image_pe = sam.prompt_encoder.get_dense_pe()
+    image_pe = image_pe.to(dtype).flatten(2).permute(0, 2, 1).contiguous()
 
     queries, keys = _first_block_shared_image(transformer.layers[0], point_embedding, point_embedding, image, image_pe)
     for block in transformer.layers[1:]:

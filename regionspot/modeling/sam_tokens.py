@@ -349,7 +349,7 @@ class SamRegionTokens(FrozenModule):
             sparse, dense = self.sam.prompt_encoder(points=pts, boxes=bxs, masks=None)
             if self.fast:
                 token, low_res, iou = decode_prompts_fast(
-                    self.sam, embedding, sparse, dense, with_masks, mask_decoder=decoder
+                    self.sam, embedding, sparse, dense, with_masks, mask_decoder=decoder, image_pe=image_pe
                 )
                 tokens.append(token)
                 if with_masks:
