@@ -23,6 +23,23 @@ __all__ = ["use_fused_encoder_attention"]
 # Heads whose relative-position bias is built at once: bounds the bias to heads x (H*W)^2 floats
 # (64 MiB per head for SAM's 64 x 64 global attention).
 _BIAS_HEADS_PER_STEP = 1
+_EXPANSIONS = {}
+
+
+def _grid_expansion(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """
+    [H + W, H*W] 0/1 matrix E with ``[rel_h, rel_w] @ E = rel_h[..., k_row] + rel_w[..., k_col]`` for
+    every key position (k_row, k_col): the broadcast sum of the decomposed relative-position terms as
+    one matrix product (each output is the sum of the same two terms, rounded once, as the elementwise
+    sum), which the CPU's matrix kernels write far faster than a broadcast add over (H*W)^2 elements.
+    """
+    key = (h, w, dtype, device)
+    if key not in _EXPANSIONS:
+        rows = torch.arange(h, device=device).repeat_interleave(w)
+        cols = torch.arange(w, device=device).repeat(h)
+        e = torch.cat([F.one_hot(rows, h).t(), F.one_hot(cols, w).t()], dim=0)
+        _EXPANSIONS[key] = e.to(dtype)
+    return _EXPANSIONS[key]
 
 
 def _fused_attention_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
@@ -38,10 +55,19 @@ def _fused_attention_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(w, w, self.rel_pos_w))  # [B, n, H, W, W]
         # Small windows: all heads at once; global attention: a few heads at a time.
         step = self.num_heads if h * w <= 1024 else _BIAS_HEADS_PER_STEP
+        # In bf16/fp16 the bias is built by the matrix units (same values, see _grid_expansion); in fp32
+        # the broadcast add is the faster of the two on CPUs.
+        by_matmul = q.dtype in (torch.bfloat16, torch.float16)
+        if by_matmul:
+            rel = torch.cat([rel_h, rel_w], dim=-1).reshape(b, self.num_heads, h * w, h + w)
+            expansion = _grid_expansion(h, w, rel.dtype, rel.device)
         outs = []
         for n in range(0, self.num_heads, step):
             heads = slice(n, n + step)
-            bias = (rel_h[:, heads, :, :, :, None] + rel_w[:, heads, :, :, None, :]).reshape(b, -1, h * w, h * w)
+            if by_matmul:
+                bias = rel[:, heads] @ expansion  # [B, heads, H*W, H*W]
+            else:
+                bias = (rel_h[:, heads, :, :, :, None] + rel_w[:, heads, :, :, None, :]).reshape(b, -1, h * w, h * w)
             outs.append(F.scaled_dot_product_attention(q[:, heads], k[:, heads], v[:, heads], attn_mask=bias, scale=self.scale))
         out = torch.cat(outs, dim=1)
     out = out.permute(0, 2, 1, 3).reshape(b, h, w, -1)
