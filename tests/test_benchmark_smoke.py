@@ -172,3 +172,22 @@ def test_benchmark_bad_arguments():
                               timeout=120, check=False)
         assert proc.returncode == 2, (bad, proc.stderr)
         assert bad[0] in proc.stderr, proc.stderr
+
+
+def test_precision_benchmark_tiny_smoke(tmp_path):
+    """tools/benchmark_precision.py on the tiny models: both precisions timed, agreement and GFLOP/s reported."""
+    out = tmp_path / "precision.json"
+    cmd = [sys.executable, os.path.join(REPO_ROOT, "tools", "benchmark_precision.py"), "--variants", "tiny",
+           "--num-boxes", "5", "--classes", "5", "--repeats", "1", "--warmup", "0",
+           "--cache-dir", str(tmp_path / "cache"), "--output-json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["matmul_gflops"]["fp32"] > 0 and data["matmul_gflops"]["bf16"] > 0
+    tiny = data["variants"]["tiny"]
+    for precision in ("fp32", "bf16"):
+        assert all(tiny["median_s"][precision][k] > 0 for k in ("sam_encoder", "mask_decoder", "clip", "total"))
+    agreement = tiny["agreement_bf16_vs_fp32"]
+    assert 0.0 < agreement["logits_max_abs_diff"] < 0.5  # bf16 differs from fp32, within its rounding
+    assert 0.0 <= agreement["kept_detection_overlap"] <= 1.0 and agreement["kept_detections"][0] > 0
+    assert "| tiny | speed-up |" in proc.stdout
