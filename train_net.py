@@ -10,6 +10,7 @@ Train or evaluate RegionSpot with detectron2's trainer (:class:`regionspot.engin
         --coco-dataset my_train train.json images/ --coco-dataset my_val val.json images/ \
         DATASETS.TRAIN "('my_train',)" DATASETS.TEST "('my_val',)"
 """
+import functools
 import logging
 
 import detectron2.utils.comm as comm
@@ -19,7 +20,7 @@ from detectron2.utils.logger import setup_logger
 from regionspot.config import get_regionspot_cfg
 from regionspot.data.checks import check_run_inputs
 from regionspot.data.user_datasets import add_dataset_arguments, register_coco_datasets
-from regionspot.engine import Trainer, evaluate_only
+from regionspot.engine import Trainer, evaluate_only, run_then_close
 
 
 def setup(args):
@@ -48,5 +49,5 @@ def main(args):
 if __name__ == "__main__":
     args = add_dataset_arguments(default_argument_parser()).parse_args()
     logging.getLogger(__name__).info("Command line arguments: %s", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch(functools.partial(run_then_close, main), args.num_gpus, num_machines=args.num_machines,
+           machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))

@@ -444,7 +444,11 @@ _WORKER = textwrap.dedent(
 
 
     if __name__ == "__main__":
-        launch(main, int(sys.argv[1]), dist_url="auto", args=tuple(sys.argv[2:]))
+        from functools import partial
+
+        from regionspot.engine import run_then_close
+
+        launch(partial(run_then_close, main), int(sys.argv[1]), dist_url="auto", args=tuple(sys.argv[2:]))
     """
 )
 

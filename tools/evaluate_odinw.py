@@ -259,8 +259,12 @@ def run(argv=None) -> int:
             flush=True,
         )
         return 1
+    from functools import partial
+
+    from regionspot.engine import run_then_close
+
     launch(
-        main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+        partial(run_then_close, main), args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
         dist_url=args.dist_url, args=(args, entries, skipped),
     )
     return 0

@@ -160,9 +160,13 @@ def worker(args):
 def main(argv=None):
     args = get_parser().parse_intermixed_args(argv)
     if args.num_workers > 1:
+        from functools import partial
+
         from detectron2.engine import launch
 
-        launch(worker, args.num_workers, dist_url="auto", args=(args,))
+        from regionspot.engine import run_then_close
+
+        launch(partial(run_then_close, worker), args.num_workers, dist_url="auto", args=(args,))
     else:
         worker(args)
 

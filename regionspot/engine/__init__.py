@@ -4,6 +4,7 @@ package holds the trainer, ``train_net.py`` only launches it), and the code that
 model to serve the data side: training vocabularies and the frozen-model fingerprints of the
 feature cache. The feature extractor is :mod:`regionspot.engine.feature_extraction`.
 """
+from .distributed import close_process_group, run_then_close
 from .fingerprints import (
     build_frozen_head,
     check_feature_cache,
@@ -20,10 +21,12 @@ __all__ = [
     "build_train_loader",
     "check_amp_device",
     "check_feature_cache",
+    "close_process_group",
     "evaluate_only",
     "frozen_fingerprints",
     "local_main_process_first",
     "register_training_vocabularies",
+    "run_then_close",
     "settings_from_cfg",
     "state_dict_sha256",
 ]

@@ -297,8 +297,13 @@ def main(argv=None):
     """
     args = get_parser().parse_args(argv)
     if args.num_gpus > 1:
+        from functools import partial
+
         from detectron2.engine import launch
 
-        launch(_worker, args.num_gpus, num_machines=1, machine_rank=0, dist_url=args.dist_url, args=(args,))
+        from .distributed import run_then_close
+
+        launch(partial(run_then_close, _worker), args.num_gpus, num_machines=1, machine_rank=0, dist_url=args.dist_url,
+               args=(args,))
         return None
     return _worker(args)
