@@ -17,7 +17,6 @@ import time
 import numpy as np
 import torch
 from detectron2.config import get_cfg
-from detectron2.structures import Boxes, Instances
 
 import regionspot
 from regionspot.benchmarking.machine import cpu_model

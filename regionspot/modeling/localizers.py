@@ -14,12 +14,11 @@ modules and are not applied here: both run their packages' stock forwards.
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .frozen import FrozenModule, seeded
 from .model_registry import LOCALIZER_REGISTRY, LocalizerOutput
@@ -67,6 +66,16 @@ _TINY_SAM2_OVERRIDES = [
 ]
 
 
+def _load_weights(model, weights: str, key: str, what: str) -> None:
+    """Load the checkpoint ``weights`` (config key ``key``) into ``model``, refusing one that does not fit ``what``."""
+    state = unwrap_state_dict(read_weights_file(weights, key, f"the checkpoint of {what}"))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise WeightsFileError(
+            f"{key}={weights!r} does not fit {what}: {str(e).splitlines()[0][:300]}", weights, key,
+        ) from e
+
 def build_sam2_model(sam2_type: str, weights: str = "", random_init: bool = False, seed: int = 0):
     """
     ``sam2.build_sam.build_sam2`` of the package's own ``configs/sam2.1/<type>.yaml`` (eval, CPU):
@@ -83,15 +92,7 @@ def build_sam2_model(sam2_type: str, weights: str = "", random_init: bool = Fals
     with seeded(seed):
         model = build_sam2(config, ckpt_path=None, device="cpu", mode="eval", hydra_overrides_extra=list(overrides))
     if weights:
-        state = unwrap_state_dict(read_weights_file(weights, key, f"the SAM 2.1 checkpoint of {sam2_type!r}"))
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise WeightsFileError(
-                f"{key}={weights!r} does not fit the SAM 2.1 model LOCALIZER.TYPE={sam2_type!r}: "
-                f"{str(e).splitlines()[0][:300]}",
-                weights, key,
-            ) from e
+        _load_weights(model, weights, key, f"the SAM 2.1 model LOCALIZER.TYPE={sam2_type!r}")
     return model.float().eval()
 
 
@@ -293,15 +294,7 @@ def build_hq_sam(hq_type: str, weights: str = "", random_init: bool = False, see
     with seeded(seed):
         model = _build_tiny_hq_sam() if hq_type == "tiny" else sam_model_registry[hq_type]()
     if weights:
-        state = unwrap_state_dict(read_weights_file(weights, key, f"the HQ-SAM checkpoint of {hq_type!r}"))
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise WeightsFileError(
-                f"{key}={weights!r} does not fit the HQ-SAM model LOCALIZER.TYPE={hq_type!r}: "
-                f"{str(e).splitlines()[0][:300]}",
-                weights, key,
-            ) from e
+        _load_weights(model, weights, key, f"the HQ-SAM model LOCALIZER.TYPE={hq_type!r}")
     return model.float().eval()
 
 
