@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from ..engine.fingerprints import state_dict_sha256
 from ..modeling.clip_features import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
+from ..modeling.sam_fast import decode_prompts_fast
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ class SamEncoderGraph(nn.Module):
 class SamDecoderGraph(nn.Module):
     """
     SAM's prompt encoder (points and box corners, no mask prompt) and its mask decoder in
-    single-mask mode, returning the region token (mask token 0 after the two-way transformer).
+    single-mask mode, returning the region token (mask token 0 after the two-way transformer), in the
+    torch path's factored form (``sam_fast.decode_prompts_fast``) with every length dynamic.
     """
 
     def __init__(self, sam):
@@ -100,52 +102,17 @@ class SamDecoderGraph(nn.Module):
         pad = (labels == -1).to(emb.dtype)
         return emb * (1 - pad) + pad * pe.not_a_point_embed.weight
 
-    @staticmethod
-    def _attention(attn, q, k, v):
-        """``segment_anything``'s decoder ``Attention`` with the sequence lengths left dynamic."""
-        heads = attn.num_heads
-        d = attn.internal_dim // heads
-
-        def split(x):  # [B, L, h*d] -> [B, h, L, d]
-            return x.unflatten(-1, (heads, d)).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(split(attn.q_proj(q)), split(attn.k_proj(k)), split(attn.v_proj(v)))
-        return attn.out_proj(out.transpose(1, 2).flatten(2))
-
     def forward(self, image_embedding, point_coords, point_labels):
-        """``MaskDecoder`` in single-mask mode (its ``predict_masks``, mask 0), written out over its modules."""
+        """
+        ``MaskDecoder`` in single-mask mode (its ``predict_masks``, mask 0) in the factored form the torch
+        path runs (:func:`regionspot.modeling.sam_fast.decode_prompts_fast`: the image side of the first
+        block once for all prompts, the cross-attentions re-associated so the image tokens are never
+        projected per prompt; same outputs up to rounding), with the number of prompts dynamic.
+        """
         sam = self.sam
-        dec = sam.mask_decoder
-        transformer = dec.transformer
-        attend = self._attention
         sparse = self.sparse_embeddings(point_coords, point_labels)
-        n = sparse.shape[0]
-        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        query_pe = torch.cat([output_tokens[None].expand(n, -1, -1), sparse], dim=1)
         dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        _, c, h, w = image_embedding.shape
-        keys = (image_embedding + dense).flatten(2).transpose(1, 2).expand(n, -1, -1)
-        key_pe = sam.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)
-        queries = query_pe
-        for layer in transformer.layers:  # TwoWayAttentionBlock
-            if layer.skip_first_layer_pe:
-                queries = attend(layer.self_attn, queries, queries, queries)
-            else:
-                q = queries + query_pe
-                queries = queries + attend(layer.self_attn, q, q, queries)
-            queries = layer.norm1(queries)
-            q, k = queries + query_pe, keys + key_pe
-            queries = layer.norm2(queries + attend(layer.cross_attn_token_to_image, q, k, keys))
-            queries = layer.norm3(queries + layer.mlp(queries))
-            q, k = queries + query_pe, keys + key_pe
-            keys = layer.norm4(keys + attend(layer.cross_attn_image_to_token, k, q, queries))
-        q, k = queries + query_pe, keys + key_pe
-        queries = transformer.norm_final_attn(queries + attend(transformer.final_attn_token_to_image, q, k, keys))
-        iou = dec.iou_prediction_head(queries[:, 0])[:, 0]
-        token = queries[:, 1]  # mask token 0: the region token
-        upscaled = dec.output_upscaling(keys.transpose(1, 2).unflatten(2, (h, w)))
-        hyper = dec.output_hypernetworks_mlps[0](token)
-        masks = (hyper[:, None] @ upscaled.flatten(2)).unflatten(2, tuple(upscaled.shape[-2:]))
+        token, masks, iou = decode_prompts_fast(sam, image_embedding, sparse, dense, with_masks=True)
         return token, masks, iou
 
 

@@ -256,6 +256,7 @@ def _upscaled_masks(dec, keys, hyper, h, w):
     conv1, norm, act1, conv2, act2 = dec.output_upscaling
     b, _, c = keys.shape
     x = conv1(keys.view(b, h, w, c).permute(0, 3, 1, 2))
-    x = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), norm.weight, norm.bias, norm.eps)
+    channels = int(norm.weight.shape[0])  # a constant (also when the function is traced for export)
+    x = F.layer_norm(x.permute(0, 2, 3, 1), (channels,), norm.weight, norm.bias, norm.eps)
     x = act2(conv2(act1(x).permute(0, 3, 1, 2)))  # [B, C/8, 4h, 4w]
     return torch.einsum("bchw,bc->bhw", x, hyper)[:, None]
