@@ -328,14 +328,9 @@ class HQSamRegionTokens(SamRegionTokens):
 
     @torch.no_grad()
     def encode_images(self, images: Sequence) -> List[HQSamImageState]:
-        batch, sizes = [], []
-        for image in images:
-            x = self.resize_image(image)
-            original_size = tuple(image.shape[-2:]) if isinstance(image, torch.Tensor) else tuple(image.shape[:2])
-            sizes.append((tuple(int(s) for s in original_size), tuple(x.shape[-2:])))
-            batch.append(self.sam.preprocess(x[None].float()))
+        batch, sizes = self.encoder_input(images)
         with self.autocast():
-            embeddings, interm = self.sam.image_encoder(torch.cat(batch))
+            embeddings, interm = self.sam.image_encoder(batch)
         return [
             HQSamImageState(
                 embedding=embeddings[i : i + 1].float(), input_size=input_size, original_size=original_size,

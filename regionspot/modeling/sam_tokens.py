@@ -25,6 +25,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from .weights import WeightsFileError, read_weights_file, unwrap_state_dict, wrong_weights_error
 from .frozen import FrozenModule, seeded
 from .sam_fast import decode_prompts_fast, use_fused_encoder_attention
+from .pixels import image_hw
 
 logger = logging.getLogger(__name__)
 
@@ -255,19 +256,26 @@ class SamRegionTokens(FrozenModule):
         Returns:
             one SamImageState per image.
         """
-        batch, sizes = [], []
-        for image in images:
-            x = self.resize_image(image)
-            original_size = tuple(image.shape[-2:]) if isinstance(image, torch.Tensor) else tuple(image.shape[:2])
-            sizes.append((tuple(int(s) for s in original_size), tuple(x.shape[-2:])))
-            batch.append(self.sam.preprocess(x[None].float()))
+        batch, sizes = self.encoder_input(images)
         encoder = self.part("sam.image_encoder")
         with self.autocast():
-            embeddings = encoder(torch.cat(batch).to(encoder.patch_embed.proj.weight.dtype)).float()
+            embeddings = encoder(batch.to(encoder.patch_embed.proj.weight.dtype)).float()
         return [
             SamImageState(embedding=embeddings[i : i + 1], input_size=input_size, original_size=original_size)
             for i, (original_size, input_size) in enumerate(sizes)
         ]
+
+    def encoder_input(self, images: Sequence) -> Tuple[torch.Tensor, List[Tuple[Tuple[int, int], Tuple[int, int]]]]:
+        """
+        SAM's input batch for ``images`` (each resized by :meth:`resize_image`, normalised and padded by
+        ``Sam.preprocess``) and, per image, ((H, W) of the image, (h, w) of its resized view).
+        """
+        batch, sizes = [], []
+        for image in images:
+            x = self.resize_image(image)
+            sizes.append((image_hw(image), tuple(x.shape[-2:])))
+            batch.append(self.sam.preprocess(x[None].float()))
+        return torch.cat(batch), sizes
 
     def _to_sam_frame(self, coords: torch.Tensor, original_size: Tuple[int, int]) -> torch.Tensor:
         """

@@ -221,7 +221,6 @@ class ZeroShotClassifier(nn.Module):
         """
         return region_text_logits(region_embeddings, self.embeddings(vocabulary), self.logit_scale)
 
-    logits = forward
 
     def class_scores(self, logits: torch.Tensor) -> torch.Tensor:
         """
